@@ -1,0 +1,5 @@
+import sys
+
+from twodrl.cli import main
+
+sys.exit(main())
