@@ -44,7 +44,8 @@ class TaskConfig:
     train_prompts: int = 512
     eval_prompts: int = 32
     dataset: Optional[str] = None  # JSONL / Parquet / hub name for real prompts
-    sft_warmup_steps: int = 60
+    sft_examples: int = 384  # warm-start responses the task builds for round 0
+    sft_epochs: int = 2
     sft_warmup_lr: float = 3e-3
 
 
@@ -89,6 +90,7 @@ class ScorerConfig:
     train_batch_size: int = 16
     lm_loss_coef: float = 0.0
     mode: Literal["segment", "sequence"] = "segment"
+    rm_train_responses: int = 384  # round 0: judge-annotated responses the RM learns from
 
 
 @dataclass
@@ -169,6 +171,7 @@ class LoggingConfig:
     metrics_port: Optional[int] = None  # Ray metrics export port (Prometheus)
     progress: bool = True
     plots: bool = True
+    keep_checkpoints: int = 2  # newest round checkpoints kept on disk
 
 
 @dataclass

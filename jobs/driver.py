@@ -1,0 +1,471 @@
+"""The online driver: schedules iterative rounds between the rollout workers, the 2D
+reward scorer, the annotation pool and the policy learner.
+
+One round (2D-DPO, paper Appendix D), read top to bottom in :meth:`OnlineDriver.run_round`:
+
+    prompts  = next unused prompts of the epoch
+    samples  = rollout(prompts, K)                      # vLLM workers
+    scores   = reward_model(samples)                    # [S, A] per sample
+    audit    = judge(fraction of samples)               # LLM judge, also audits the RM
+    pairs    = best vs worst weighted representative score per prompt
+    learner.train(pairs, algorithm)                     # DeepSpeed ranks
+    sync weights learner → rollout workers              # bucketed, in place
+    evaluate held-out prompts (greedy), checkpoint, log
+
+Round 0 prepares the run: a short SFT warm start of the policy (the synthetic task
+builds it) and the first 2D reward model, trained on judge annotations.
+
+The driver holds no model: it moves data between actors and calls the pure functions of
+:mod:`twodrl.rounds`. Scheduling is ``sync`` (stage after stage) or ``overlap`` (the
+rollout of round k+1 runs while the learner trains on round k, one round off-policy).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import json
+import os
+import random
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from tqdm.auto import tqdm
+
+from twodrl import synthetic
+from twodrl.checkpoint import (
+    atomic_directory,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_driver_state,
+    round_dir,
+    write_driver_state,
+)
+from twodrl.config import RunConfig, dump_config, to_dict
+from twodrl.metrics import ray_metric_name, round_metric_keys
+from twodrl.rounds import PromptCursor, ScoredSample, agreement, reward_summary, select_pairs
+from twodrl.tracking import MetricsLogger, plot_rewards, truncate_metrics
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayMetricsSink:
+    """Round metrics as Ray gauges (``twodrl_*``), exported on the Ray metrics port
+    for Prometheus/Grafana and shown in the dashboard."""
+
+    def __init__(self, keys: list[str], run_name: str):
+        from ray.util.metrics import Gauge
+
+        self._gauges = {
+            k: Gauge(ray_metric_name(k), description=f"twodrl round metric {k}", tag_keys=("run",)) for k in keys
+        }
+        self._tags = {"run": run_name}
+
+    def __call__(self, row: dict) -> None:
+        for key, value in row.items():
+            gauge = self._gauges.get(key)
+            if gauge is not None and isinstance(value, (int, float)):
+                gauge.set(float(value), tags=self._tags)
+
+
+class OnlineDriver:
+    """Builds the actors for a run and runs its rounds. Usable step by step from a
+    notebook: ``d = OnlineDriver(cfg, run_dir); d.setup(); d.run_round(0); ...``."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool | None = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.progress = cfg.logging.progress if progress is None else progress
+        self.run_name = cfg.run_name or self.run_dir.name
+        self.namespace = cfg.ray.namespace or f"twodrl-{self.run_name}"
+        self.aspects = list(cfg.aspects.names)
+        self.weights = list(cfg.aspects.weights)
+        self.train_prompts, self.eval_prompts = synthetic.split_prompts(cfg.seed)
+        self.eval_prompts = self.eval_prompts[: cfg.eval.num_prompts]
+        self.cursor = PromptCursor(len(self.train_prompts), seed=cfg.seed)
+        self.next_round = 0
+        self.weights_version = 0
+        self.planned_prompts = 0
+        self.completed_prompts = 0
+        self._pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="twodrl-stage")
+        self._stop_judge: Callable[[], None] | None = None
+        self.logger: MetricsLogger | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        from actors.common import connect_ray
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(self.cfg, self.run_dir / "config.yaml")
+        address = connect_ray(self.cfg, namespace=self.namespace)
+        (self.run_dir / "ray.json").write_text(
+            json.dumps({"address": address, "namespace": self.namespace, "run_name": self.run_name}, indent=2)
+        )
+        self._start_judge()
+        self._create_actors()
+        sinks = [RayMetricsSink(round_metric_keys(self.aspects), self.run_name)]
+        last = latest_checkpoint(self.run_dir) if self.resume else None
+        if last is None:
+            random.seed(self.cfg.seed)  # restored from the checkpoint otherwise
+        if last is not None:
+            self._restore(*last)
+        elif (self.run_dir / "metrics.jsonl").exists():
+            (self.run_dir / "metrics.jsonl").unlink()  # a fresh run in a used directory
+        self.logger = MetricsLogger(
+            self.run_dir,
+            self.aspects,
+            config=to_dict(self.cfg),
+            use_wandb=self.cfg.logging.wandb,
+            wandb_project=self.cfg.logging.wandb_project,
+            run_name=self.run_name,
+            sinks=sinks,
+            resume=self.resume,
+        )
+
+    def _start_judge(self) -> None:
+        """The quickstart's judge: the rule-based OpenAI-compatible server, started here
+        on 127.0.0.1 unless the config names a real endpoint."""
+        if self.cfg.annotator.base_url is not None:
+            self.judge_url = self.cfg.annotator.base_url
+            return
+        from twodrl.annotation.judge_server import start_judge_server
+
+        self.judge_url, self._stop_judge = start_judge_server(host="127.0.0.1", port=_free_port())
+
+    def _create_actors(self) -> None:
+        from actors.annotator import create_annotators
+        from actors.learner import PolicyLearnerGroup
+        from actors.rollout import create_rollout_workers
+        from actors.scorer import create_scorers
+
+        cfg = self.cfg
+        self.rollout_workers = create_rollout_workers(cfg, self.namespace)
+        self.scorers = create_scorers(cfg, self.namespace)
+        self.annotators = create_annotators(cfg, self.namespace, base_url=self.judge_url, run_dir=self.run_dir)
+        self.learner = PolicyLearnerGroup(cfg, self.namespace)
+
+    def _restore(self, round_idx: int, path: Path) -> None:
+        state = read_driver_state(path)
+        self.cursor = PromptCursor.from_state(state["cursor"])
+        self.next_round = round_idx + 1
+        self.planned_prompts = state.get("planned_prompts", 0)
+        self.completed_prompts = state.get("completed_prompts", 0)
+        self.learner.load_checkpoint(str(path))
+        if (path / "reward_model").is_dir():
+            ray.get([s.load.remote(str(path / "reward_model")) for s in self.scorers])
+        self._sync_weights()
+        truncate_metrics(self.run_dir / "metrics.jsonl", round_idx)
+        print(f"[twodrl] resumed after round {round_idx} from {path}")
+
+    # ------------------------------------------------------------------ stages
+
+    def _prompt_requests(self, picks: list[tuple[int, int]], round_idx: int) -> list[dict]:
+        reqs = []
+        for epoch, i in picks:
+            p = self.train_prompts[i]
+            reqs.append({"id": f"r{round_idx}-e{epoch}-p{i}", "prompt": p.text})
+        return reqs
+
+    def rollout(self, requests: list[dict], n: int, greedy: bool = False) -> tuple[list[list[ScoredSample]], dict]:
+        """Generate ``n`` samples per request across the rollout workers; requests of a
+        worker that dies are re-queued (none lost, none duplicated)."""
+        from actors.workqueue import run_work_queue
+
+        t0 = time.perf_counter()
+        params = {
+            "n": n,
+            "temperature": self.cfg.rollout.temperature,
+            "top_p": self.cfg.rollout.top_p,
+            "max_new_tokens": self.cfg.eval.max_new_tokens if greedy else self.cfg.rollout.max_new_tokens,
+            "greedy": greedy,
+        }
+        results = run_work_queue(
+            self.rollout_workers,
+            requests,
+            method="generate",
+            kwargs=params,
+            chunk_size=max(1, len(requests) // (2 * len(self.rollout_workers)) or 1),
+            progress=self.progress and not greedy,
+            desc="rollout",
+        )
+        by_id = {r["id"]: r for r in results}
+        groups, tokens = [], 0
+        for req in requests:
+            res = by_id[req["id"]]
+            group = []
+            for s in res["samples"]:
+                tokens += len(s.get("token_ids") or [])
+                group.append(
+                    ScoredSample(
+                        prompt_id=req["id"],
+                        prompt=req["prompt"],
+                        text=s["text"],
+                        segments=[],
+                        scores=[],
+                        history=req.get("history"),
+                        system=req.get("system"),
+                        token_ids=s.get("token_ids"),
+                        logprobs=s.get("logprobs"),
+                    )
+                )
+            groups.append(group)
+        elapsed = time.perf_counter() - t0
+        return groups, {"rollout/tokens_per_s": tokens / max(elapsed, 1e-9), "time/rollout_s": elapsed}
+
+    def score(self, samples: list[ScoredSample]) -> float:
+        """Fill every sample's segments and [S, A] scores from the 2D reward model."""
+        from actors.workqueue import run_work_queue
+
+        t0 = time.perf_counter()
+        items = [
+            {"id": str(i), "prompt": s.prompt, "response": s.text, "history": s.history} for i, s in enumerate(samples)
+        ]
+        results = run_work_queue(
+            self.scorers, items, method="score", chunk_size=self.cfg.scorer.batch_size, progress=self.progress, desc="score"
+        )
+        for r in results:
+            s = samples[int(r["id"])]
+            s.segments, s.scores = r["segments"], r["scores"]
+        return time.perf_counter() - t0
+
+    def annotate(self, samples: list[ScoredSample]) -> tuple[list[list[list[float]] | None], dict]:
+        """Judge ratings for ``samples`` (single-response mode), split across the
+        annotation actors. A failed request yields None for that sample."""
+        t0 = time.perf_counter()
+        items = [
+            {"id": str(i), "prompt": s.prompt, "response": s.text, "history": s.history} for i, s in enumerate(samples)
+        ]
+        shards = [items[k :: len(self.annotators)] for k in range(len(self.annotators))]
+        before = ray.get([a.stats.remote() for a in self.annotators])
+        outs = ray.get([a.annotate_responses.remote(shard) for a, shard in zip(self.annotators, shards) if shard])
+        after = ray.get([a.stats.remote() for a in self.annotators])
+        judged: list[Any] = [None] * len(samples)
+        for out in outs:
+            for r in out:
+                if r.get("scores") is not None:
+                    judged[int(r["id"])] = (r["segments"], r["scores"])
+        delta = {
+            k: sum(a.get(k, 0) for a in after) - sum(b.get(k, 0) for b in before)
+            for k in ("requests", "failures", "cost_usd")
+        }
+        return judged, {
+            "annotate/requests": delta["requests"],
+            "annotate/failures": delta["failures"],
+            "annotate/cost_usd": delta["cost_usd"],
+            "time/annotate_s": time.perf_counter() - t0,
+        }
+
+    def _sync_weights(self) -> float:
+        from actors.weight_sync import sync_weights
+
+        t0 = time.perf_counter()
+        sync_weights(self.learner, self.rollout_workers, transport="object_store")
+        self.weights_version += 1
+        return time.perf_counter() - t0
+
+    def evaluate(self) -> dict:
+        """Greedy responses to held-out prompts, rated by the judge (the task's ground
+        truth) — or by the reward model when no judge is configured."""
+        reqs = [{"id": f"eval-{i}", "prompt": p.text} for i, p in enumerate(self.eval_prompts)]
+        groups, _ = self.rollout(reqs, n=1, greedy=True)
+        samples = [g[0] for g in groups]
+        judged, _ = self.annotate(samples)
+        for s, j in zip(samples, judged):
+            if j is not None:
+                s.segments, s.scores = j
+        missing = [s for s, j in zip(samples, judged) if j is None]
+        if missing:
+            self.score(missing)
+        out = reward_summary(samples, self.weights, self.aspects, prefix="eval/reward")
+        out["eval/mean_segments"] = sum(len(s.segments) for s in samples) / max(len(samples), 1)
+        self.last_eval_samples = samples
+        return out
+
+    # ------------------------------------------------------------------ round 0
+
+    def warm_start(self) -> dict:
+        """SFT the random-init policy on the task's mixed-quality responses, then train
+        the first 2D reward model on judge annotations of such responses."""
+        cfg = self.cfg
+        rng = random.Random(cfg.seed)
+        sft = []
+        for i in range(cfg.task.sft_examples):
+            p = self.train_prompts[i % len(self.train_prompts)]
+            sft.append({"prompt": p.text, "response": synthetic.sample_response(rng, p.topic)})
+        t0 = time.perf_counter()
+        sft_metrics = self.learner.train_sft(sft, lr=cfg.task.sft_warmup_lr, epochs=cfg.task.sft_epochs)
+        t_train = time.perf_counter() - t0
+        t_sync = self._sync_weights()
+
+        # Judge annotations for the reward model: warm-start responses, one per prompt.
+        rm_samples = [
+            ScoredSample(prompt_id=f"rm-{i}", prompt=ex["prompt"], text=ex["response"], segments=[], scores=[])
+            for i, ex in enumerate(sft[: cfg.scorer.rm_train_responses])
+        ]
+        judged, annotate_metrics = self.annotate(rm_samples)
+        records = []
+        labelled = [(s, j) for s, j in zip(rm_samples, judged) if j is not None]
+        for (a, ja), (b, jb) in zip(labelled[0::2], labelled[1::2]):
+            records.append({
+                "prompt": a.prompt,
+                "chosen": {"text": a.text, "segments": ja[0], "scores": {n: [row[k] for row in ja[1]] for k, n in enumerate(self.aspects)}},
+                "rejected": {"text": b.text, "segments": jb[0], "scores": {n: [row[k] for row in jb[1]] for k, n in enumerate(self.aspects)}},
+            })
+        t0 = time.perf_counter()
+        rm_metrics = ray.get([s.train.remote(records) for s in self.scorers])[0]
+        t_rm = time.perf_counter() - t0
+        return {
+            **{f"train/{k.removeprefix('train/')}": v for k, v in sft_metrics.items()},
+            **{f"rm/{k}": v for k, v in rm_metrics.items() if isinstance(v, (int, float))},
+            **annotate_metrics,
+            "time/train_s": t_train + t_rm,
+            "time/sync_s": t_sync,
+        }
+
+    # ------------------------------------------------------------------ a round
+
+    def _plan_prompts(self, round_idx: int) -> list[dict]:
+        picks = self.cursor.take(self.cfg.rollout.prompts_per_round)
+        self.planned_prompts += len(picks)
+        return self._prompt_requests(picks, round_idx)
+
+    def run_round(self, round_idx: int, pending: futures.Future | None = None) -> dict:
+        """One round; returns its logged metrics. ``pending`` is an already running
+        rollout for this round (overlap scheduling)."""
+        cfg = self.cfg
+        t_round = time.perf_counter()
+        stage_time = 0.0
+        metrics: dict[str, Any] = {"round": round_idx, "weights_version": self.weights_version}
+        if round_idx == 0:
+            m = self.warm_start()
+            metrics.update(m)
+            stage_time += m["time/train_s"] + m["time/sync_s"] + m.get("time/annotate_s", 0.0)
+
+        requests = None
+        if pending is None:
+            requests = self._plan_prompts(round_idx)
+            pending = self._pool.submit(self.rollout, requests, cfg.rollout.samples_per_prompt)
+            staleness = 0
+        else:
+            staleness = 1
+        groups, rollout_metrics = pending.result()
+        stage_time += rollout_metrics["time/rollout_s"] if staleness == 0 else 0.0
+        samples = [s for g in groups for s in g]
+        self.completed_prompts += len(groups)
+        metrics.update(rollout_metrics)
+        metrics.update({"rollout/prompts": len(groups), "rollout/samples": len(samples), "rollout/staleness": staleness})
+
+        next_pending = None
+        if cfg.scheduling == "overlap" and round_idx + 1 < self.total_rounds:
+            # Round k+1 samples with the current weights while round k trains.
+            next_requests = self._plan_prompts(round_idx + 1)
+            next_pending = self._pool.submit(self.rollout, next_requests, cfg.rollout.samples_per_prompt)
+        metrics["rollout/prompts_planned"] = cfg.rollout.prompts_per_round
+
+        metrics["time/score_s"] = self.score(samples)
+        stage_time += metrics["time/score_s"]
+        audit = [s for s in samples if random.random() < cfg.annotator.fraction]
+        judged, annotate_metrics = self.annotate(audit) if audit else ([], {"time/annotate_s": 0.0, "annotate/requests": 0, "annotate/failures": 0, "annotate/cost_usd": 0.0})
+        for k, v in annotate_metrics.items():
+            metrics[k] = metrics.get(k, 0) + v if k in metrics else v
+        stage_time += annotate_metrics["time/annotate_s"]
+        pairs_rm = [(s.scores, j[1]) for s, j in zip(audit, judged) if j is not None and len(j[1]) == len(s.scores)]
+        metrics.update(agreement([p[0] for p in pairs_rm], [p[1] for p in pairs_rm], self.aspects))
+        metrics.update(reward_summary(samples, self.weights, self.aspects))
+
+        t0 = time.perf_counter()
+        if cfg.algorithm == "appo":
+            train_metrics = self.learner.train_appo(groups, self.weights, self.aspects)
+        else:
+            pairs = select_pairs(groups, self.weights, self.aspects)
+            metrics["train/pairs"] = len(pairs)
+            train_metrics = self.learner.train_round(pairs, cfg.algorithm) if pairs else {}
+        metrics.update(train_metrics)
+        metrics["time/train_s"] = metrics.get("time/train_s", 0.0) + time.perf_counter() - t0
+        stage_time += time.perf_counter() - t0
+        sync_s = self._sync_weights()
+        metrics["time/sync_s"] = metrics.get("time/sync_s", 0.0) + sync_s
+        stage_time += sync_s
+
+        t0 = time.perf_counter()
+        metrics.update(self.evaluate())
+        metrics["time/eval_s"] = time.perf_counter() - t0
+        stage_time += metrics["time/eval_s"]
+
+        t0 = time.perf_counter()
+        self.checkpoint(round_idx)
+        metrics["time/checkpoint_s"] = time.perf_counter() - t0
+        stage_time += metrics["time/checkpoint_s"]
+        metrics["time/round_s"] = time.perf_counter() - t_round
+        metrics["time/driver_overhead_s"] = max(0.0, metrics["time/round_s"] - stage_time)
+        row = self._log(metrics)
+        self._pending = next_pending
+        return row
+
+    def _log(self, metrics: dict) -> dict:
+        """Log first, then the checkpoint marks the round complete: on resume, metric
+        lines newer than the last checkpoint are dropped, so each round appears once."""
+        assert self.logger is not None
+        row = self.logger.log(metrics)
+        self._print_round(row)
+        if self.cfg.logging.plots:
+            plot_rewards(self.logger.path, self.run_dir / "plots" / "rewards.png", self.aspects)
+        return row
+
+    def checkpoint(self, round_idx: int) -> Path:
+        final = round_dir(self.run_dir, round_idx)
+        with atomic_directory(final) as tmp:
+            self.learner.save_checkpoint(str(tmp))
+            if round_idx == 0:
+                ray.get(self.scorers[0].save.remote(str(tmp / "reward_model")))
+            write_driver_state(
+                tmp,
+                {
+                    "round": round_idx,
+                    "cursor": self.cursor.state(),
+                    "planned_prompts": self.planned_prompts,
+                    "completed_prompts": self.completed_prompts,
+                    "weights_version": self.weights_version,
+                },
+            )
+        prune_checkpoints(self.run_dir, keep=self.cfg.logging.keep_checkpoints)
+        return final
+
+    def _print_round(self, row: dict) -> None:
+        cols = ["reward/weighted", "eval/reward/weighted", "train/loss", "train/rewards/accuracies", "time/round_s"]
+        cells = [f"{c}={row[c]:.3f}" if isinstance(row.get(c), (int, float)) else f"{c}=-" for c in cols]
+        aspects = " ".join(
+            f"{a[:5]}={row[f'eval/reward/{a}']:.2f}" for a in self.aspects if isinstance(row.get(f"eval/reward/{a}"), (int, float))
+        )
+        print(f"[round {row['round']}] " + "  ".join(cells) + f"\n          eval per aspect: {aspects}", flush=True)
+
+    # ------------------------------------------------------------------ run
+
+    @property
+    def total_rounds(self) -> int:
+        return self.cfg.rounds + 1  # round 0 (warm start) + the online rounds
+
+    def run(self) -> list[dict]:
+        rows = []
+        self._pending = None
+        bar = tqdm(range(self.next_round, self.total_rounds), desc="rounds", disable=not self.progress)
+        for r in bar:
+            rows.append(self.run_round(r, pending=self._pending))
+        return rows
+
+    def shutdown(self) -> None:
+        if self.logger is not None:
+            self.logger.finish()
+        if self._stop_judge is not None:
+            self._stop_judge()
+            self._stop_judge = None
+        self._pool.shutdown(wait=False, cancel_futures=True)

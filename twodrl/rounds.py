@@ -1,0 +1,159 @@
+"""Pure pieces of an online round: which prompts to use, which samples become the
+chosen/rejected pair, and the per-round reward statistics.
+
+The driver (``jobs/driver.py``) only moves data between actors and calls these.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+
+from twodrl.aspects import representative_scores
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class PromptCursor:
+    """Walks through a prompt pool epoch by epoch: each epoch is a fresh seeded
+    permutation, so no prompt is reused within an epoch, and the whole state is two
+    integers (resuming a run restores them)."""
+
+    pool_size: int
+    seed: int
+    epoch: int = 0
+    position: int = 0
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(self.pool_size))
+        random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def take(self, n: int) -> list[tuple[int, int]]:
+        """The next ``n`` prompts as ``(epoch, pool index)``; crosses into the next
+        epoch when this one is used up."""
+        if self.pool_size <= 0:
+            raise ValueError("the prompt pool is empty")
+        out: list[tuple[int, int]] = []
+        while len(out) < n:
+            order = self._order(self.epoch)
+            k = min(n - len(out), self.pool_size - self.position)
+            out.extend((self.epoch, i) for i in order[self.position : self.position + k])
+            self.position += k
+            if self.position >= self.pool_size:
+                self.epoch += 1
+                self.position = 0
+        return out
+
+    def state(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "PromptCursor":
+        return cls(**state)
+
+
+# ------------------------------------------------------------------------------- pairs
+
+
+@dataclass
+class ScoredSample:
+    """One sampled response with its segment × aspect ratings (0–4)."""
+
+    prompt_id: str
+    prompt: str
+    text: str
+    segments: list[str]
+    scores: list[list[float]]  # [S][A]
+    history: list[dict] | None = None
+    system: str | None = None
+    token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
+
+
+def sample_rating(sample: ScoredSample, weights: Sequence[float], aspects: Sequence[str]) -> tuple[float, list[float]]:
+    """(weighted representative score, representative score per aspect); a sample
+    without segments (empty text) rates 0 on every aspect."""
+    if not sample.scores:
+        return 0.0, [0.0] * len(aspects)
+    rep = representative_scores(torch.tensor(sample.scores, dtype=torch.float64), aspects)
+    w = torch.tensor(list(weights), dtype=torch.float64)
+    return float((rep * w).sum()), rep.tolist()
+
+
+def _side(sample: ScoredSample, aspects: Sequence[str]) -> dict:
+    return {
+        "text": sample.text,
+        "segments": list(sample.segments),
+        "scores": {a: [row[j] for row in sample.scores] for j, a in enumerate(aspects)},
+    }
+
+
+def select_pairs(
+    groups: Sequence[Sequence[ScoredSample]],
+    weights: Sequence[float],
+    aspects: Sequence[str],
+    min_margin: float = 1e-9,
+) -> list[dict]:
+    """For every prompt's group of K samples: chosen = highest weighted representative
+    score, rejected = lowest (2D-DPO Appendix D). Groups whose best and worst tie are
+    skipped — they carry no preference. Returns HelpSteer-2D-shaped pair records."""
+    pairs = []
+    for group in groups:
+        rated = [(sample_rating(s, weights, aspects)[0], i, s) for i, s in enumerate(group) if s.segments]
+        if len(rated) < 2:
+            continue
+        best = max(rated, key=lambda t: (t[0], -t[1]))
+        worst = min(rated, key=lambda t: (t[0], t[1]))
+        if best[0] - worst[0] <= min_margin:
+            continue
+        chosen, rejected = best[2], worst[2]
+        record: dict[str, Any] = {
+            "prompt": chosen.prompt,
+            "chosen": _side(chosen, aspects),
+            "rejected": _side(rejected, aspects),
+            "margin": best[0] - worst[0],
+        }
+        if chosen.history:
+            record["history"] = chosen.history
+        if chosen.system:
+            record["system"] = chosen.system
+        pairs.append(record)
+    return pairs
+
+
+def reward_summary(samples: Sequence[ScoredSample], weights: Sequence[float], aspects: Sequence[str], prefix: str = "reward") -> dict[str, float]:
+    """Mean weighted and per-aspect representative scores over samples (0–4 scale)."""
+    if not samples:
+        return {f"{prefix}/weighted": math.nan, **{f"{prefix}/{a}": math.nan for a in aspects}}
+    rated = [sample_rating(s, weights, aspects) for s in samples]
+    out = {f"{prefix}/weighted": sum(r[0] for r in rated) / len(rated)}
+    for j, a in enumerate(aspects):
+        out[f"{prefix}/{a}"] = sum(r[1][j] for r in rated) / len(rated)
+    return out
+
+
+def agreement(
+    model_scores: Sequence[Sequence[Sequence[float]]],
+    judge_scores: Sequence[Sequence[Sequence[float]]],
+    aspects: Sequence[str],
+) -> dict[str, float]:
+    """Per-aspect share of segments where the reward model, rounded to the nearest
+    label and clamped to 0–4, equals the judge (the paper's Table 4 accuracy)."""
+    hits = [0] * len(aspects)
+    total = 0
+    for ms, js in zip(model_scores, judge_scores):
+        if len(ms) != len(js):
+            continue
+        for mrow, jrow in zip(ms, js):
+            total += 1
+            for j in range(len(aspects)):
+                if min(4, max(0, round(mrow[j]))) == round(jrow[j]):
+                    hits[j] += 1
+    return {f"rm/agreement/{a}": (hits[j] / total if total else math.nan) for j, a in enumerate(aspects)}
