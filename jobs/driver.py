@@ -50,6 +50,45 @@ from twodrl.rounds import PromptCursor, ScoredSample, agreement, reward_summary,
 from twodrl.tracking import MetricsLogger, plot_rewards, truncate_metrics
 
 
+# Environment the actors need whatever node they land on (CPU DeepSpeed, in-process
+# vLLM engine so weight updates reach it, offline wandb/hub).
+ACTOR_ENV_DEFAULTS = {
+    "DS_ACCELERATOR": None,  # decided from the config: cpu when learners take no GPU
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_MODE": None,
+    "TWODRL_CACHE": None,
+    "VLLM_CPU_KVCACHE_SPACE": None,
+    "HF_HUB_OFFLINE": None,
+}
+
+
+def connect_ray(cfg: RunConfig, namespace: str) -> str:
+    """Join the cluster named by ``ray.address`` or ``RAY_ADDRESS`` (``ray job submit``
+    sets it), else start a local one with ``ray.num_cpus`` logical CPU slots. Returns
+    the cluster address the run uses (written to ``RUN_DIR/ray.json``)."""
+    env = {}
+    for key, default in ACTOR_ENV_DEFAULTS.items():
+        value = os.environ.get(key, default)
+        if key == "DS_ACCELERATOR" and value is None:
+            value = "cpu" if cfg.learner.num_gpus_per_rank == 0 else "cuda"
+        if value is not None:
+            env[key] = value
+    runtime_env = {"env_vars": env}
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        pass  # a notebook or test that started Ray itself
+    elif address:
+        ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        kwargs: dict[str, Any] = {"num_cpus": cfg.ray.num_cpus, "namespace": namespace, "runtime_env": runtime_env,
+                                  "dashboard_host": "127.0.0.1", "include_dashboard": cfg.ray.dashboard}
+        if cfg.logging.metrics_port:
+            kwargs["_metrics_export_port"] = cfg.logging.metrics_port
+        ray.init(**kwargs)
+    return ray.get_runtime_context().gcs_address
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,8 +123,12 @@ class OnlineDriver:
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.progress = cfg.logging.progress if progress is None else progress
-        self.run_name = cfg.run_name or self.run_dir.name
-        self.namespace = cfg.ray.namespace or f"twodrl-{self.run_name}"
+        from actors.common import run_namespace
+
+        if cfg.run_name is None:
+            cfg.run_name = self.run_dir.name
+        self.run_name = cfg.run_name
+        self.namespace = run_namespace(cfg)
         self.aspects = list(cfg.aspects.names)
         self.weights = list(cfg.aspects.weights)
         self.train_prompts, self.eval_prompts = synthetic.split_prompts(cfg.seed)
@@ -102,8 +145,6 @@ class OnlineDriver:
     # ------------------------------------------------------------------ set-up
 
     def setup(self) -> None:
-        from actors.common import connect_ray
-
         self.run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(self.cfg, self.run_dir / "config.yaml")
         address = connect_ray(self.cfg, namespace=self.namespace)

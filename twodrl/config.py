@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -112,6 +113,10 @@ class AnnotatorConfig:
     max_cost_usd: Optional[float] = None
     cache_path: Optional[str] = None  # default: RUN_DIR/judge_cache.sqlite
     num_actors: int = 1
+    num_cpus: float = 0.25  # per annotator actor (I/O bound: a fraction is plenty)
+    max_completion_tokens: Optional[int] = None  # sent as max_tokens; None: server default
+    price_input_per_mtok: Optional[float] = None  # USD per 1M tokens; None: pricing table
+    price_output_per_mtok: Optional[float] = None
 
 
 @dataclass
@@ -179,6 +184,7 @@ class RayConfig:
     address: Optional[str] = None  # None: RAY_ADDRESS, else a local cluster
     num_cpus: Optional[int] = 8  # logical slots for a local cluster
     namespace: Optional[str] = None  # default: twodrl-<run name>
+    dashboard: bool = False  # start the dashboard with a local cluster (127.0.0.1)
 
 
 @dataclass
@@ -232,7 +238,12 @@ class _LinedDict(dict):
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _where(source: str, line: Optional[int]) -> str:
+_YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _where(source: str, line: Optional[int | str]) -> str:
+    if isinstance(line, str):  # a value set on the command line, not in the file
+        return line
     return f"{source}:{line}" if line else source
 
 
@@ -260,7 +271,8 @@ def _coerce(value: Any, tp: Any, dotted: str, where: str) -> Any:
                 errors.append(e)
         raise errors[0]
     if origin is Literal:
-        if value in args:
+        # Compare types too: YAML `true` == 1 and `2.0` == 2 would otherwise pass.
+        if any(value == a and type(value) is type(a) for a in args):
             return value
         raise ConfigError(f"{where}: {dotted}: {value!r} is not one of {list(args)}")
     if dataclasses.is_dataclass(tp):
@@ -281,6 +293,9 @@ def _coerce(value: Any, tp: Any, dotted: str, where: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # PyYAML follows YAML 1.1, where `1e-6` (no dot) is a string; accept it.
+        if isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value.strip()):
             return float(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -333,7 +348,7 @@ def _apply_override(data: dict, assignment: str) -> None:
         node = child
     node[parts[-1]] = _parse_scalar(raw)
     if isinstance(node, _LinedDict):
-        node.lines[parts[-1]] = None
+        node.lines[parts[-1]] = "--set"
 
 
 def load_config(

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 from twodrl.aspects import DEFAULT_ASPECTS, DEFAULT_WEIGHTS
+from twodrl.segmentation import stripped_segments
 
 REQUIRED_FACTS = 3  # distinct true facts that make a response complete
 CONCISE_LENGTH = 4  # sentences beyond this cost clarity
@@ -282,10 +283,9 @@ def ideal_response(topic: str, n_facts: int = REQUIRED_FACTS) -> str:
 
 
 def split_sentences(response: str) -> list[str]:
-    """How this task's responses split into segments (one sentence each). The general
-    segmenter in :mod:`twodrl.segmentation` gives the same answer on these texts."""
-    parts = re.findall(r"[^.!?]+[.!?]+|[^.!?]+$", response.strip())
-    return [p.strip() for p in parts if p.strip()]
+    """How this task's responses split into segments (one sentence each): the general
+    segmenter, so that the task, the judge and real data share one segmentation."""
+    return stripped_segments(response)
 
 
 def make_preference_records(
