@@ -200,7 +200,7 @@ class OnlineDriver:
         self.next_round = round_idx + 1
         self.planned_prompts = state.get("planned_prompts", 0)
         self.completed_prompts = state.get("completed_prompts", 0)
-        self.learner.load_checkpoint(str(path))
+        self.learner.load_checkpoint(str(path / "learner"))
         if (path / "reward_model").is_dir():
             ray.get([s.load.remote(str(path / "reward_model")) for s in self.scorers])
         self._sync_weights()
@@ -465,7 +465,7 @@ class OnlineDriver:
     def checkpoint(self, round_idx: int) -> Path:
         final = round_dir(self.run_dir, round_idx)
         with atomic_directory(final) as tmp:
-            self.learner.save_checkpoint(str(tmp))
+            self.learner.save_checkpoint(str(tmp / "learner"))
             if round_idx == 0:
                 ray.get(self.scorers[0].save.remote(str(tmp / "reward_model")))
             write_driver_state(

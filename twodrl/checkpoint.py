@@ -2,8 +2,7 @@
 any instant leaves either the previous complete checkpoint or the new complete one.
 
 Layout of ``RUN_DIR/checkpoints/round-000K/``:
-  policy/          Hugging Face format (safetensors)
-  optimizer/       learner state (DeepSpeed), when saved
+  learner/         policy in Hugging Face format (safetensors) + DeepSpeed state
   reward_model/    the 2D reward model, when it changed
   driver.json      round, prompt cursor, RNG states (Python, NumPy), bookkeeping
   torch_rng.safetensors

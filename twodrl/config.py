@@ -92,6 +92,13 @@ class ScorerConfig:
     lm_loss_coef: float = 0.0
     mode: Literal["segment", "sequence"] = "segment"
     rm_train_responses: int = 384  # round 0: judge-annotated responses the RM learns from
+    # `twodrl train-rm` / `eval-rm` data and output.
+    train_synthetic_pairs: int = 2000  # rule-labelled synthetic records to train on
+    eval_synthetic_pairs: int = 300  # held-out synthetic records (other seed, deduplicated)
+    train_data: list[str] = field(default_factory=list)  # extra HelpSteer-2D files to train on
+    eval_data: list[str] = field(default_factory=list)  # extra held-out HelpSteer-2D files
+    include_sample_data: bool = True  # add the shipped HelpSteer-2D sample to training
+    output_dir: Optional[str] = None  # default: runs/<run_name or "rm">/reward_model
 
 
 @dataclass
@@ -113,7 +120,7 @@ class AnnotatorConfig:
     max_cost_usd: Optional[float] = None
     cache_path: Optional[str] = None  # default: RUN_DIR/judge_cache.sqlite
     num_actors: int = 1
-    num_cpus: float = 0.25  # per annotator actor (I/O bound: a fraction is plenty)
+    num_cpus: float = 0.05  # per annotator actor (it only waits on HTTP)
     max_completion_tokens: Optional[int] = None  # sent as max_tokens; None: server default
     price_input_per_mtok: Optional[float] = None  # USD per 1M tokens; None: pricing table
     price_output_per_mtok: Optional[float] = None

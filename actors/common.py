@@ -1,0 +1,307 @@
+"""Actor naming, namespaces and placement, shared by every actor and the driver.
+
+Every actor is named ``<role>-<index>`` (``rollout-0``, ``scorer-1``, ``learner-0``,
+``annotator-0``, ``reference-0``) inside one namespace per run, so a second driver (a
+resumed run, ``ray job submit``, a debugging shell) finds the same actors with
+``ray.get_actor(name, namespace=...)`` and two runs on one cluster never collide.
+
+Resources come from the config sections, never from literals in actor code:
+
+=============  ===========================================  ==============================
+role           CPUs / GPUs per actor                        count
+=============  ===========================================  ==============================
+rollout        rollout.num_cpus / rollout.num_gpus          rollout.num_workers
+scorer         scorer.num_cpus / scorer.num_gpus            scorer.num_workers
+learner        learner.num_cpus_per_rank / num_gpus_per_rank learner.num_ranks
+reference      same as one learner rank                     1 if not learner.colocate_reference
+annotator      annotator.num_cpus / 0                       annotator.num_actors
+=============  ===========================================  ==============================
+
+A tensor-parallel engine (``tensor_parallel_size`` > 1 on GPU) reserves one bundle per
+GPU in a ``STRICT_PACK`` placement group, so all shards of one engine land on one node
+(NCCL between them stays on NVLink). Learner ranks share one ``PACK`` group: ranks
+prefer one node but may spill over when a node is too small.
+
+On CPU every ``num_gpus`` is 0; Ray CPUs are logical slots, so fractional values let a
+2-core machine host a handful of actors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from twodrl.config import ConfigError, RunConfig
+
+ROLES = ("rollout", "scorer", "learner", "reference", "annotator")
+# The annotation actor only waits on HTTP; it needs a sliver of a CPU slot.
+ANNOTATOR_NUM_CPUS = 0.05
+
+
+class PlacementError(ConfigError):
+    """The configured actors cannot be placed on this cluster; names the config field."""
+
+
+def actor_name(role: str, index: int) -> str:
+    """``rollout-0``, ``learner-1`` …"""
+    if role not in ROLES:
+        raise ValueError(f"unknown actor role {role!r}; known roles: {ROLES}")
+    if index < 0:
+        raise ValueError(f"actor index must be ≥ 0, got {index}")
+    return f"{role}-{index}"
+
+
+def run_namespace(cfg: RunConfig) -> str:
+    """The per-run Ray namespace: ``ray.namespace`` if set, else ``twodrl-<run_name>``."""
+    if cfg.ray.namespace:
+        return cfg.ray.namespace
+    return f"twodrl-{cfg.run_name or 'default'}"
+
+
+# ----------------------------------------------------------------------- resources
+
+
+@dataclass(frozen=True)
+class RoleResources:
+    """What one actor of a role asks for, how many there are, and which config fields
+    those numbers came from (for error messages)."""
+
+    role: str
+    count: int
+    num_cpus: float
+    num_gpus: float
+    tensor_parallel_size: int = 1
+    max_restarts: int = 0
+    fields: dict[str, str] = field(default_factory=dict)  # "cpus"/"gpus"/"count" -> dotted field
+
+
+def role_resources(cfg: RunConfig, role: str) -> RoleResources:
+    """Resources of one actor of ``role`` as the config asks for them."""
+    if role == "rollout":
+        r = cfg.rollout
+        return RoleResources(
+            "rollout", r.num_workers, r.num_cpus, r.num_gpus, r.tensor_parallel_size, r.max_restarts,
+            {"cpus": "rollout.num_cpus", "gpus": "rollout.num_gpus", "count": "rollout.num_workers",
+             "tp": "rollout.tensor_parallel_size"},
+        )
+    if role == "scorer":
+        s = cfg.scorer
+        return RoleResources(
+            "scorer", s.num_workers, s.num_cpus, s.num_gpus, s.tensor_parallel_size, s.max_restarts,
+            {"cpus": "scorer.num_cpus", "gpus": "scorer.num_gpus", "count": "scorer.num_workers",
+             "tp": "scorer.tensor_parallel_size"},
+        )
+    if role in ("learner", "reference"):
+        lc = cfg.learner
+        count = lc.num_ranks if role == "learner" else (0 if lc.colocate_reference else 1)
+        return RoleResources(
+            role, count, lc.num_cpus_per_rank, lc.num_gpus_per_rank, 1, 0,
+            {"cpus": "learner.num_cpus_per_rank", "gpus": "learner.num_gpus_per_rank",
+             "count": "learner.num_ranks" if role == "learner" else "learner.colocate_reference"},
+        )
+    if role == "annotator":
+        return RoleResources(
+            "annotator", cfg.annotator.num_actors, cfg.annotator.num_cpus, 0.0, 1, 2,
+            {"cpus": "annotator.num_cpus", "gpus": "-", "count": "annotator.num_actors"},
+        )
+    raise ValueError(f"unknown actor role {role!r}; known roles: {ROLES}")
+
+
+def gpus_per_actor(res: RoleResources) -> float:
+    """GPUs one actor really holds: a TP engine spans ``tensor_parallel_size`` GPUs."""
+    if res.num_gpus > 0 and res.tensor_parallel_size > 1:
+        return float(res.tensor_parallel_size)
+    return res.num_gpus
+
+
+def _nodes() -> list[dict[str, float]]:
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive", False)]
+
+
+def validate_placement(
+    cfg: RunConfig,
+    cluster: Optional[dict[str, float]] = None,
+    nodes: Optional[list[dict[str, float]]] = None,
+    roles: tuple[str, ...] = ROLES,
+    source: str = "<config>",
+) -> dict[str, float]:
+    """Check that every actor of ``roles`` fits on the cluster before any starts.
+
+    ``cluster`` defaults to ``ray.cluster_resources()`` and ``nodes`` to the alive
+    nodes' resources. Returns the totals asked for ({"CPU": .., "GPU": ..}). Raises
+    :class:`PlacementError` naming the config field to change.
+    """
+    if cluster is None:
+        cluster = ray.cluster_resources()
+    if nodes is None:
+        nodes = _nodes() if ray.is_initialized() else [cluster]
+    have_cpu = float(cluster.get("CPU", 0.0))
+    have_gpu = float(cluster.get("GPU", 0.0))
+    max_node_gpu = max((float(n.get("GPU", 0.0)) for n in nodes), default=have_gpu)
+    need_cpu = need_gpu = 0.0
+    lines = []
+    for role in roles:
+        res = role_resources(cfg, role)
+        f = res.fields
+        if res.count == 0:
+            continue
+        if res.num_cpus < 0:
+            raise PlacementError(f"{source}: {f['cpus']} must be ≥ 0, got {res.num_cpus}")
+        if res.num_gpus < 0:
+            raise PlacementError(f"{source}: {f['gpus']} must be ≥ 0, got {res.num_gpus}")
+        if res.tensor_parallel_size < 1:
+            raise PlacementError(f"{source}: {f['tp']} must be ≥ 1, got {res.tensor_parallel_size}")
+        if res.num_gpus > 0 and have_gpu == 0:
+            raise PlacementError(
+                f"{source}: {f['gpus']} = {res.num_gpus} but the Ray cluster has no GPU "
+                f"(ray.cluster_resources() = {dict(cluster)}); set {f['gpus']}=0 on CPU"
+            )
+        per = gpus_per_actor(res)
+        if per > max_node_gpu > 0:
+            what = f"{f['tp']} = {res.tensor_parallel_size}" if res.tensor_parallel_size > 1 else f"{f['gpus']} = {res.num_gpus}"
+            raise PlacementError(
+                f"{source}: {what} needs {per:g} GPUs on one node, but the largest node has {max_node_gpu:g}"
+            )
+        if res.num_gpus > 1 and res.tensor_parallel_size == 1 and not float(res.num_gpus).is_integer():
+            raise PlacementError(f"{source}: {f['gpus']} = {res.num_gpus}: more than one GPU must be a whole number")
+        need_cpu += res.count * res.num_cpus
+        need_gpu += res.count * per
+        lines.append(f"{role}: {res.count} × ({res.num_cpus:g} CPU, {per:g} GPU) [{f['count']}, {f['cpus']}, {f['gpus']}]")
+    detail = "; ".join(lines)
+    if need_cpu > have_cpu + 1e-9:
+        raise PlacementError(
+            f"{source}: the actors ask for {need_cpu:g} CPUs but the Ray cluster has {have_cpu:g} "
+            f"({detail}); lower the per-actor num_cpus fields or raise ray.num_cpus"
+        )
+    if need_gpu > have_gpu + 1e-9:
+        raise PlacementError(
+            f"{source}: the actors ask for {need_gpu:g} GPUs but the Ray cluster has {have_gpu:g} ({detail})"
+        )
+    return {"CPU": need_cpu, "GPU": need_gpu}
+
+
+# ----------------------------------------------------------------------- placement groups
+
+
+def tensor_parallel_group(res: RoleResources, name: str | None = None) -> Optional[PlacementGroup]:
+    """One STRICT_PACK group with a bundle per GPU for a TP engine, or None when the
+    engine needs no group (CPU, or a single GPU)."""
+    if res.num_gpus <= 0 or res.tensor_parallel_size <= 1:
+        return None
+    bundles = [{"GPU": 1.0, "CPU": res.num_cpus / res.tensor_parallel_size}] * res.tensor_parallel_size
+    return placement_group(bundles, strategy="STRICT_PACK", name=name or "")
+
+
+def learner_group(cfg: RunConfig, name: str | None = None) -> Optional[PlacementGroup]:
+    """A PACK group with one bundle per learner rank when the ranks use GPUs, so they
+    are reserved together (a half-placed learner would deadlock in init_process_group).
+    None on CPU: fractional CPU slots need no reservation."""
+    lc = cfg.learner
+    if lc.num_gpus_per_rank <= 0:
+        return None
+    bundles = [{"GPU": lc.num_gpus_per_rank, "CPU": lc.num_cpus_per_rank}] * lc.num_ranks
+    return placement_group(bundles, strategy="PACK", name=name or "")
+
+
+def wait_placement_group(pg: Optional[PlacementGroup], timeout_s: float = 300.0, field_hint: str = "") -> None:
+    if pg is None:
+        return
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        raise PlacementError(
+            f"placement group {pg.bundle_specs} was not placed within {timeout_s:.0f}s"
+            + (f"; check {field_hint}" if field_hint else "")
+        )
+
+
+# ----------------------------------------------------------------------- actor options
+
+
+def actor_options(
+    role: str,
+    index: int,
+    cfg: RunConfig,
+    namespace: Optional[str] = None,
+    placement: Optional[PlacementGroup] = None,
+    bundle_index: int = -1,
+    max_restarts: Optional[int] = None,
+    detached: bool = False,
+) -> dict[str, Any]:
+    """``ActorClass.options(**actor_options(...))`` for actor ``role-index``.
+
+    ``max_task_retries`` is 0 on purpose: when an actor dies mid-request the caller
+    (:mod:`actors.workqueue`) decides what to re-queue, so no item is run twice
+    behind its back.
+    """
+    res = role_resources(cfg, role)
+    opts: dict[str, Any] = {
+        "name": actor_name(role, index),
+        "namespace": namespace or run_namespace(cfg),
+        "num_cpus": res.num_cpus,
+        "num_gpus": res.num_gpus if res.tensor_parallel_size <= 1 else 0,
+        "max_restarts": res.max_restarts if max_restarts is None else max_restarts,
+        "max_task_retries": 0,
+        "max_concurrency": 1,
+    }
+    if detached:
+        opts["lifetime"] = "detached"
+    if placement is not None:
+        if res.tensor_parallel_size > 1 and res.num_gpus > 0:
+            # The engine's own process takes no GPU: its TP workers claim the bundles.
+            opts["num_gpus"] = 0
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=placement,
+            placement_group_bundle_index=bundle_index,
+            placement_group_capture_child_tasks=True,
+        )
+    return opts
+
+
+def get_or_create_actor(actor_cls: Any, options: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """The actor named ``options['name']`` in ``options['namespace']``, created with
+    ``args``/``kwargs`` if it does not exist yet (a resumed driver re-attaches)."""
+    name, namespace = options["name"], options.get("namespace")
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        pass
+    return actor_cls.options(**options, get_if_exists=True).remote(*args, **kwargs)
+
+
+def kill_actor(name: str, namespace: str, no_restart: bool = True) -> bool:
+    """Kill a named actor if it exists; True if one was found."""
+    try:
+        handle = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return False
+    ray.kill(handle, no_restart=no_restart)
+    return True
+
+
+def node_ip() -> str:
+    return ray.util.get_node_ip_address()
+
+
+def free_port() -> int:
+    """A TCP port free on this node right now (used for torch.distributed rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b) if b else 0
+
+
+__all__ = [
+    "ANNOTATOR_NUM_CPUS", "PlacementError", "ROLES", "RoleResources", "actor_name", "actor_options",
+    "ceil_div", "free_port", "get_or_create_actor", "gpus_per_actor", "kill_actor", "learner_group",
+    "node_ip", "role_resources", "run_namespace", "tensor_parallel_group", "validate_placement",
+    "wait_placement_group",
+]
