@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.twodrl-installed
 export DS_ACCELERATOR ?= cpu
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
-export WANDB_MODE ?= offline
+# No WANDB_MODE here: wandb runs offline unless WANDB_API_KEY is set (twodrl.tracking.wandb_mode).
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 

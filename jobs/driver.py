@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import json
+import math
 import os
 import random
 import socket
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
+import torch
 from tqdm.auto import tqdm
 
 from twodrl import synthetic
@@ -47,7 +49,7 @@ from twodrl.checkpoint import (
 from twodrl.config import RunConfig, dump_config, to_dict
 from twodrl.metrics import ray_metric_name, round_metric_keys
 from twodrl.rounds import PromptCursor, ScoredSample, agreement, reward_summary, select_pairs
-from twodrl.tracking import MetricsLogger, plot_rewards, truncate_metrics
+from twodrl.tracking import MetricsLogger, plot_rewards, read_metrics, truncate_metrics
 
 
 # Environment the actors need whatever node they land on (CPU DeepSpeed, in-process
@@ -74,6 +76,11 @@ def connect_ray(cfg: RunConfig, namespace: str) -> str:
             value = "cpu" if cfg.learner.num_gpus_per_rank == 0 else "cuda"
         if value is not None:
             env[key] = value
+    # Inside `ray job submit` the job's own runtime env already reaches every actor, and
+    # Ray refuses (printing every value, secrets included) a driver env naming the same
+    # variables: forward only what the job did not set.
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
+    env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}
     runtime_env = {"env_vars": env}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
@@ -138,8 +145,11 @@ class OnlineDriver:
         self.weights_version = 0
         self.planned_prompts = 0
         self.completed_prompts = 0
+        self.resynced_samples = 0  # prompts re-sampled after a rollout worker restarted
         self._pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="twodrl-stage")
         self._stop_judge: Callable[[], None] | None = None
+        self._directions: dict[str, list[float]] = {}  # DPA: prompt id -> direction v
+        self._replay_rng = random.Random(cfg.seed + 1)
         self.logger: MetricsLogger | None = None
 
     # ------------------------------------------------------------------ set-up
@@ -171,6 +181,9 @@ class OnlineDriver:
             sinks=sinks,
             resume=self.resume,
         )
+        if getattr(self, "_unlogged_row", None):
+            self._log(self._unlogged_row)
+            self._unlogged_row = None
 
     def _start_judge(self) -> None:
         """The quickstart's judge: the rule-based OpenAI-compatible server, started here
@@ -200,11 +213,20 @@ class OnlineDriver:
         self.next_round = round_idx + 1
         self.planned_prompts = state.get("planned_prompts", 0)
         self.completed_prompts = state.get("completed_prompts", 0)
+        self.weights_version = state.get("weights_version", 0)
+        if (self.run_dir / "warmstart").is_dir():
+            # The reference is the warm-started policy: load it, freeze it, then
+            # continue from the last round.
+            self.learner.load_checkpoint(str(self.run_dir / "warmstart"))
+            self.learner.reset_reference()
         self.learner.load_checkpoint(str(path / "learner"))
-        if (path / "reward_model").is_dir():
-            ray.get([s.load.remote(str(path / "reward_model")) for s in self.scorers])
+        if (self.run_dir / "reward_model").is_dir():
+            ray.get([s.load.remote(str(self.run_dir / "reward_model")) for s in self.scorers])
         self._sync_weights()
         truncate_metrics(self.run_dir / "metrics.jsonl", round_idx)
+        logged = {r.get("round") for r in read_metrics(self.run_dir / "metrics.jsonl")}
+        # Killed between the checkpoint's rename and the metrics write: log it on set-up.
+        self._unlogged_row = state.get("metrics") if round_idx not in logged and state.get("metrics") else None
         print(f"[twodrl] resumed after round {round_idx} from {path}")
 
     # ------------------------------------------------------------------ stages
@@ -214,7 +236,22 @@ class OnlineDriver:
         for epoch, i in picks:
             p = self.train_prompts[i]
             reqs.append({"id": f"r{round_idx}-e{epoch}-p{i}", "prompt": p.text})
+        if self.cfg.algorithm == "dpa-rsf":
+            self._attach_directions(reqs, round_idx)
         return reqs
+
+    def _attach_directions(self, requests: list[dict], round_idx: int) -> None:
+        """DPA: every prompt gets a sampled preference direction v, stated to the policy
+        in its system prompt (integer weights round(100·v))."""
+        from twodrl.dpa import direction_system_prompt, sample_directions
+
+        dpa = self.cfg.dpa
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + round_idx)
+        v = sample_directions(len(requests), k=len(dpa.objectives), generator=gen,
+                              angle_low=dpa.angle_low, angle_high=dpa.angle_high, dtype=torch.float64)
+        for req, direction in zip(requests, v):
+            req["system"] = direction_system_prompt(direction, dpa.objectives)
+            self._directions[req["id"]] = direction.tolist()
 
     def rollout(self, requests: list[dict], n: int, greedy: bool = False) -> tuple[list[list[ScoredSample]], dict]:
         """Generate ``n`` samples per request across the rollout workers; requests of a
@@ -229,16 +266,33 @@ class OnlineDriver:
             "max_new_tokens": self.cfg.eval.max_new_tokens if greedy else self.cfg.rollout.max_new_tokens,
             "greedy": greedy,
         }
-        results = run_work_queue(
-            self.rollout_workers,
-            requests,
-            method="generate",
-            kwargs=params,
-            chunk_size=max(1, len(requests) // (2 * len(self.rollout_workers)) or 1),
-            progress=self.progress and not greedy,
-            desc="rollout",
-        )
-        by_id = {r["id"]: r for r in results}
+        expected = self.weights_version
+        todo, by_id = list(requests), {}
+        for attempt in range(3):
+            results = run_work_queue(
+                self.rollout_workers,
+                todo,
+                method="generate",
+                kwargs=params,
+                chunk_size=max(1, len(todo) // (2 * len(self.rollout_workers)) or 1),
+                progress=self.progress and not greedy,
+                desc="rollout",
+            )
+            by_id.update((r["id"], r) for r in results)
+            # A worker that Ray restarted mid-round came back with the initial weights
+            # (its constructor loads policy.path); its samples are from the wrong policy.
+            # Bring it up to the current version and sample those prompts again.
+            stale = {r["id"] for r in results if r.get("weights_version", expected) < expected}
+            if not stale:
+                break
+            versions = ray.get([w.weights_version.remote() for w in self.rollout_workers])
+            lagging = [w for w, v in zip(self.rollout_workers, versions) if v < expected]
+            if lagging:
+                self._sync_weights(lagging)
+            self.resynced_samples += len(stale)
+            todo = [r for r in requests if r["id"] in stale]
+        else:
+            raise RuntimeError(f"rollout: {len(stale)} prompt(s) still sampled with stale weights after re-syncing")
         groups, tokens = [], 0
         for req in requests:
             res = by_id[req["id"]]
@@ -305,12 +359,17 @@ class OnlineDriver:
             "time/annotate_s": time.perf_counter() - t0,
         }
 
-    def _sync_weights(self) -> float:
+    def _sync_weights(self, workers: list | None = None) -> float:
+        """Push the learner's weights to ``workers`` (default: all, as a new version);
+        a subset gets the current version again (a restarted worker catching up)."""
         from actors.weight_sync import sync_weights
 
         t0 = time.perf_counter()
-        sync_weights(self.learner, self.rollout_workers, transport="object_store")
-        self.weights_version += 1
+        if workers is None:
+            self.weights_version += 1
+        sync_weights(self.learner, workers if workers is not None else self.rollout_workers,
+                     transport=self.cfg.rollout.weight_sync, bucket_mb=self.cfg.rollout.weight_sync_bucket_mb,
+                     version=self.weights_version)
         return time.perf_counter() - t0
 
     def evaluate(self) -> dict:
@@ -335,49 +394,73 @@ class OnlineDriver:
 
     def warm_start(self) -> dict:
         """SFT the random-init policy on the task's mixed-quality responses, then train
-        the first 2D reward model on judge annotations of such responses."""
+        the first 2D reward model on judge annotations of such responses. Either step is
+        skipped when its count is 0 (production runs start from an instruct policy and
+        a trained reward model)."""
         cfg = self.cfg
         rng = random.Random(cfg.seed)
-        sft = []
-        for i in range(cfg.task.sft_examples):
+        n = max(cfg.task.sft_examples, cfg.scorer.rm_train_responses)
+        examples = []
+        for i in range(n):
             p = self.train_prompts[i % len(self.train_prompts)]
-            sft.append({"prompt": p.text, "response": synthetic.sample_response(rng, p.topic)})
-        t0 = time.perf_counter()
-        sft_metrics = self.learner.train_sft(sft, lr=cfg.task.sft_warmup_lr, epochs=cfg.task.sft_epochs)
-        t_train = time.perf_counter() - t0
-        t_sync = self._sync_weights()
+            examples.append({"prompt": p.text, "response": synthetic.sample_response(rng, p.topic)})
+        out: dict[str, Any] = {"time/train_s": 0.0, "time/sync_s": 0.0}
+        if cfg.task.sft_examples > 0:
+            t0 = time.perf_counter()
+            sft = self.learner.train_sft(examples[: cfg.task.sft_examples], lr=cfg.task.sft_warmup_lr, epochs=cfg.task.sft_epochs)
+            out["time/train_s"] += time.perf_counter() - t0
+            out.update({f"warmstart/{k.split('/')[-1]}": v for k, v in sft.items()})
+            # DPO-style objectives measure the policy against the model the online
+            # rounds start from: the warm-started one, not the random init.
+            self.learner.reset_reference()
+            # Kept so a resumed run can rebuild the same reference model.
+            self.learner.save_checkpoint(str(self.run_dir / "warmstart"))
+            out["time/sync_s"] += self._sync_weights()
+        if cfg.scorer.rm_train_responses > 0:
+            # Judge annotations for the reward model: warm-start responses, one per prompt.
+            rm_samples = [
+                ScoredSample(prompt_id=f"rm-{i}", prompt=ex["prompt"], text=ex["response"], segments=[], scores=[])
+                for i, ex in enumerate(examples[: cfg.scorer.rm_train_responses])
+            ]
+            judged, annotate_metrics = self.annotate(rm_samples)
+            out.update(annotate_metrics)
+            labelled = [(s, j) for s, j in zip(rm_samples, judged) if j is not None]
+            # The RM learns from single labelled responses; pair records are just the
+            # container its trainer reads (both sides are used).
+            records = [
+                {"prompt": a.prompt, "chosen": self._labelled(a, ja), "rejected": self._labelled(b, jb)}
+                for (a, ja), (b, jb) in zip(labelled[0::2], labelled[1::2])
+            ]
+            t0 = time.perf_counter()
+            rm_metrics = ray.get([s.train.remote(records) for s in self.scorers])[0]
+            with atomic_directory(self.run_dir / "reward_model") as tmp:
+                ray.get(self.scorers[0].save.remote(str(tmp)))
+            if len(self.scorers) > 1:  # every scorer serves the same trained model
+                ray.get([s.load.remote(str(self.run_dir / "reward_model")) for s in self.scorers[1:]])
+            out["time/train_s"] += time.perf_counter() - t0
+            out.update({f"rm_train/{k.split('/')[-1]}": v for k, v in rm_metrics.items() if isinstance(v, (int, float))})
+        return out
 
-        # Judge annotations for the reward model: warm-start responses, one per prompt.
-        rm_samples = [
-            ScoredSample(prompt_id=f"rm-{i}", prompt=ex["prompt"], text=ex["response"], segments=[], scores=[])
-            for i, ex in enumerate(sft[: cfg.scorer.rm_train_responses])
-        ]
-        judged, annotate_metrics = self.annotate(rm_samples)
-        records = []
-        labelled = [(s, j) for s, j in zip(rm_samples, judged) if j is not None]
-        for (a, ja), (b, jb) in zip(labelled[0::2], labelled[1::2]):
-            records.append({
-                "prompt": a.prompt,
-                "chosen": {"text": a.text, "segments": ja[0], "scores": {n: [row[k] for row in ja[1]] for k, n in enumerate(self.aspects)}},
-                "rejected": {"text": b.text, "segments": jb[0], "scores": {n: [row[k] for row in jb[1]] for k, n in enumerate(self.aspects)}},
-            })
-        t0 = time.perf_counter()
-        rm_metrics = ray.get([s.train.remote(records) for s in self.scorers])[0]
-        t_rm = time.perf_counter() - t0
-        return {
-            **{f"train/{k.removeprefix('train/')}": v for k, v in sft_metrics.items()},
-            **{f"rm/{k}": v for k, v in rm_metrics.items() if isinstance(v, (int, float))},
-            **annotate_metrics,
-            "time/train_s": t_train + t_rm,
-            "time/sync_s": t_sync,
-        }
+    def _labelled(self, sample: ScoredSample, judged: tuple) -> dict:
+        segments, scores = judged
+        return {"text": sample.text, "segments": segments,
+                "scores": {a: [row[k] for row in scores] for k, a in enumerate(self.aspects)}}
 
     # ------------------------------------------------------------------ a round
 
     def _plan_prompts(self, round_idx: int) -> list[dict]:
         picks = self.cursor.take(self.cfg.rollout.prompts_per_round)
         self.planned_prompts += len(picks)
-        return self._prompt_requests(picks, round_idx)
+        requests = self._prompt_requests(picks, round_idx)
+        # Which prompts the round drew, for auditing the cursor: a resumed run redraws
+        # the interrupted round's prompts from the checkpointed cursor and rewrites this.
+        out = self.run_dir / "rounds" / f"round-{round_idx:04d}.prompts.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"round": round_idx, "prompts": [
+            {"epoch": e, "index": i, "id": r["id"]} for (e, i), r in zip(picks, requests)]}, indent=1))
+        os.replace(tmp, out)
+        return requests
 
     def run_round(self, round_idx: int, pending: futures.Future | None = None) -> dict:
         """One round; returns its logged metrics. ``pending`` is an already running
@@ -419,18 +502,15 @@ class OnlineDriver:
         for k, v in annotate_metrics.items():
             metrics[k] = metrics.get(k, 0) + v if k in metrics else v
         stage_time += annotate_metrics["time/annotate_s"]
-        pairs_rm = [(s.scores, j[1]) for s, j in zip(audit, judged) if j is not None and len(j[1]) == len(s.scores)]
-        metrics.update(agreement([p[0] for p in pairs_rm], [p[1] for p in pairs_rm], self.aspects))
+        pairs_rm = [(s, j[1]) for s, j in zip(audit, judged) if j is not None and len(j[1]) == len(s.scores)]
+        metrics.update(agreement([s.scores for s, _ in pairs_rm], [j for _, j in pairs_rm], self.aspects))
+        if cfg.annotator.judge_overrides_rm:
+            for s, judge_scores in pairs_rm:  # the judge's ratings are the better label
+                s.scores = [list(map(float, row)) for row in judge_scores]
         metrics.update(reward_summary(samples, self.weights, self.aspects))
 
         t0 = time.perf_counter()
-        if cfg.algorithm == "appo":
-            train_metrics = self.learner.train_appo(groups, self.weights, self.aspects)
-        else:
-            pairs = select_pairs(groups, self.weights, self.aspects)
-            metrics["train/pairs"] = len(pairs)
-            train_metrics = self.learner.train_round(pairs, cfg.algorithm) if pairs else {}
-        metrics.update(train_metrics)
+        metrics.update(self.train(groups))
         metrics["time/train_s"] = metrics.get("time/train_s", 0.0) + time.perf_counter() - t0
         stage_time += time.perf_counter() - t0
         sync_s = self._sync_weights()
@@ -443,7 +523,7 @@ class OnlineDriver:
         stage_time += metrics["time/eval_s"]
 
         t0 = time.perf_counter()
-        self.checkpoint(round_idx)
+        self.checkpoint(round_idx, metrics)
         metrics["time/checkpoint_s"] = time.perf_counter() - t0
         stage_time += metrics["time/checkpoint_s"]
         metrics["time/round_s"] = time.perf_counter() - t_round
@@ -451,6 +531,54 @@ class OnlineDriver:
         row = self._log(metrics)
         self._pending = next_pending
         return row
+
+    def train(self, groups: list[list[ScoredSample]]) -> dict:
+        """The learner's step of the round, by algorithm: preference pairs (2D-DPO and the
+        DPO family), PPO-clip with adaptive masks (APPO), or rejection-sampling
+        fine-tuning on the best sample along each prompt's direction (DPA-RSF)."""
+        algorithm = self.cfg.algorithm
+        if algorithm == "appo":
+            return self.learner.train_appo(groups, self.weights, self.aspects)
+        if algorithm == "dpa-rsf":
+            return self._train_dpa(groups)
+        pairs = select_pairs(groups, self.weights, self.aspects)
+        out = self.learner.train_round(pairs, algorithm) if pairs else {}
+        out["train/pairs"] = len(pairs)
+        return out
+
+    def _train_dpa(self, groups: list[list[ScoredSample]]) -> dict:
+        from twodrl.dpa import select_winners
+        from twodrl.rounds import objective_values
+
+        dpa = self.cfg.dpa
+        groups = [g for g in groups if g and g[0].prompt_id in self._directions]
+        if not groups:
+            return {}
+        n = max(len(g) for g in groups)
+        rewards = torch.zeros(len(groups), n, len(dpa.objectives), dtype=torch.float64)
+        valid = torch.zeros(len(groups), n, dtype=torch.bool)
+        for p, group in enumerate(groups):
+            for k, sample in enumerate(group):
+                if sample.segments:
+                    rewards[p, k] = torch.tensor(objective_values(sample, dpa.objectives, self.aspects))
+                    valid[p, k] = True
+        directions = torch.tensor([self._directions.pop(g[0].prompt_id) for g in groups], dtype=torch.float64)
+        winners = select_winners(rewards, directions, valid)
+        examples = [
+            {"prompt": g[int(i)].prompt, "response": g[int(i)].text, "system": g[int(i)].system}
+            for g, i in zip(groups, winners.index.tolist()) if i >= 0
+        ]
+        # Replay a share of the original (warm-start) data so fine-tuning on its own
+        # samples does not drift away from what the policy could already do.
+        n_replay = round(len(examples) * dpa.replay_fraction / max(1e-9, 1 - dpa.replay_fraction))
+        for _ in range(n_replay):
+            p = self._replay_rng.choice(self.train_prompts)
+            examples.append({"prompt": p.text, "response": synthetic.sample_response(self._replay_rng, p.topic)})
+        out = self.learner.train_sft(examples, epochs=self.cfg.learner.epochs_per_round)
+        out["train/winners"] = len(examples) - n_replay
+        out["train/replay"] = n_replay
+        out["train/winner_score"] = float(winners.score[winners.index >= 0].mean()) if (winners.index >= 0).any() else math.nan
+        return out
 
     def _log(self, metrics: dict) -> dict:
         """Log first, then the checkpoint marks the round complete: on resume, metric
@@ -462,12 +590,10 @@ class OnlineDriver:
             plot_rewards(self.logger.path, self.run_dir / "plots" / "rewards.png", self.aspects)
         return row
 
-    def checkpoint(self, round_idx: int) -> Path:
+    def checkpoint(self, round_idx: int, metrics: dict | None = None) -> Path:
         final = round_dir(self.run_dir, round_idx)
         with atomic_directory(final) as tmp:
             self.learner.save_checkpoint(str(tmp / "learner"))
-            if round_idx == 0:
-                ray.get(self.scorers[0].save.remote(str(tmp / "reward_model")))
             write_driver_state(
                 tmp,
                 {
@@ -476,6 +602,9 @@ class OnlineDriver:
                     "planned_prompts": self.planned_prompts,
                     "completed_prompts": self.completed_prompts,
                     "weights_version": self.weights_version,
+                    # The round's metrics so far: a crash after this rename but before
+                    # the metrics line is written must not lose the round's line.
+                    "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str, type(None)))},
                 },
             )
         prune_checkpoints(self.run_dir, keep=self.cfg.logging.keep_checkpoints)

@@ -1,9 +1,11 @@
 """Round checkpoints: written into a temporary directory, then renamed, so a crash at
 any instant leaves either the previous complete checkpoint or the new complete one.
 
+Written once per run, beside them: ``RUN_DIR/warmstart/`` (the warm-started policy,
+which is also the reference model) and ``RUN_DIR/reward_model/`` (the round-0 2D RM).
+
 Layout of ``RUN_DIR/checkpoints/round-000K/``:
   learner/         policy in Hugging Face format (safetensors) + DeepSpeed state
-  reward_model/    the 2D reward model, when it changed
   driver.json      round, prompt cursor, RNG states (Python, NumPy), bookkeeping
   torch_rng.safetensors
 """

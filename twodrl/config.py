@@ -73,6 +73,10 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     max_restarts: int = 2
     system_prompt: Optional[str] = None
+    # Learner → rollout weight sync (actors/weight_sync.py): "object_store" works on any
+    # Ray cluster; "collective" broadcasts over a gloo (CPU) / NCCL (GPU) group.
+    weight_sync: Literal["object_store", "collective"] = "object_store"
+    weight_sync_bucket_mb: float = 64.0
 
 
 @dataclass
@@ -107,6 +111,7 @@ class AnnotatorConfig:
     model: str = "twodrl-synthetic-judge"
     api_key_env: str = "OPENAI_API_KEY"
     fraction: float = 0.25  # share of samples also sent to the judge each round
+    judge_overrides_rm: bool = True  # judged samples train with the judge's ratings
     pairwise: bool = True
     concurrency: int = 8
     timeout_s: float = 30.0

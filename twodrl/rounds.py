@@ -87,6 +87,22 @@ def sample_rating(sample: ScoredSample, weights: Sequence[float], aspects: Seque
     return float((rep * w).sum()), rep.tolist()
 
 
+def objective_values(sample: ScoredSample, objectives: Sequence[str], aspects: Sequence[str]) -> list[float]:
+    """A sample's value on each DPA objective (0–4). A scored aspect gives its
+    representative score; ``verbosity``, when the reward model does not rate it, is
+    read off the length: one point per segment after the first, capped at 4."""
+    _, rep = sample_rating(sample, [0.0] * len(aspects), aspects)
+    out = []
+    for name in objectives:
+        if name in aspects:
+            out.append(rep[list(aspects).index(name)])
+        elif name == "verbosity":
+            out.append(float(min(4, max(0, len(sample.segments) - 1))))
+        else:
+            raise KeyError(f"DPA objective {name!r} is neither a scored aspect {list(aspects)} nor 'verbosity'")
+    return out
+
+
 def _side(sample: ScoredSample, aspects: Sequence[str]) -> dict:
     return {
         "text": sample.text,

@@ -72,6 +72,14 @@ def truncate_metrics(path: str | Path, last_round: int) -> None:
     os.replace(tmp, p)
 
 
+def wandb_mode(env: dict | None = None) -> str:
+    """``online`` only when the user gave a key (``WANDB_API_KEY``), else ``offline``:
+    runs never fail, or block on a login prompt, for lack of an account. An explicit
+    ``WANDB_MODE`` (``online``, ``offline``, ``disabled``) always wins."""
+    env = os.environ if env is None else env
+    return env.get("WANDB_MODE") or ("online" if env.get("WANDB_API_KEY") else "offline")
+
+
 class MetricsLogger:
     def __init__(
         self,
@@ -99,8 +107,7 @@ class MetricsLogger:
             import wandb
         except ImportError:  # wandb is optional at run time
             return None
-        # Offline unless the user gave a key: runs never fail for lack of a login.
-        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        mode = wandb_mode()
         return wandb.init(
             project=project,
             name=name,

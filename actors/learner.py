@@ -1,0 +1,845 @@
+"""The policy learner: N DeepSpeed ranks (Ray actors ``learner-<i>``) and a frozen
+reference model, behind one driver-side handle, :class:`PolicyLearnerGroup`.
+
+Layout
+- Rank actors run one DeepSpeed engine each (ZeRO stage ``learner.zero_stage``; fp32 on
+  CPU, bf16 on GPU when ``learner.bf16``), joined in one torch.distributed group (gloo
+  on CPU, NCCL on GPU) whose rendezvous address is rank 0's node IP and a free port
+  found there.
+- The reference model is frozen. Colocated (``learner.colocate_reference``, default) each
+  rank holds one (under ZeRO-3 it is partitioned like the policy, as an inference-only
+  DeepSpeed engine), else one ``reference-0`` actor serves log-probs for all ranks.
+  Reference log-probs are computed once per round, not once per epoch: they do not
+  change while the policy trains.
+
+A round's data is cut on the driver into the same number of micro-batches for every
+rank (:func:`plan_micro_batches`): DeepSpeed all-reduces gradients on every backward,
+and ZeRO-3 gathers parameters on every forward, so ranks that disagree on the number of
+steps would hang. Every rank tokenizes its micro-batches once per round and visits them
+in a fresh seeded order each epoch.
+
+Precision note: on CPU everything is float32; ``learner.bf16`` is ignored there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import ray
+import torch
+
+from actors.common import (
+    actor_options,
+    ceil_div,
+    free_port,
+    get_or_create_actor,
+    learner_group,
+    node_ip,
+    run_namespace,
+    validate_placement,
+    wait_placement_group,
+)
+from actors.weight_sync import WeightSenderMixin
+from twodrl.config import ConfigError, LearnerConfig, ModelConfig, RunConfig
+from twodrl.objectives import PREFERENCE_ALGORITHMS
+
+HF_SUBDIR = "policy"  # <checkpoint>/policy: Hugging Face format, safetensors
+DS_SUBDIR = "deepspeed"  # <checkpoint>/deepspeed: DeepSpeed engine, optimizer, scheduler
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def build_ds_config(lc: LearnerConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config for a policy engine, from ``learner.*`` only."""
+    stage = int(lc.zero_stage)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=on_gpu, reduce_bucket_size=5e7)
+    if stage == 3:
+        zero.update(
+            stage3_param_persistence_threshold=1e4,
+            stage3_prefetch_bucket_size=5e7,
+            stage3_gather_16bit_weights_on_model_save=True,
+        )
+    return {
+        "train_micro_batch_size_per_gpu": lc.micro_batch_size,
+        "gradient_accumulation_steps": lc.grad_accum_steps,
+        "train_batch_size": lc.micro_batch_size * lc.grad_accum_steps * world_size,
+        "gradient_clipping": lc.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(lc.bf16 and on_gpu)},
+        "fp16": {"enabled": False},
+        "zero_allow_untested_optimizer": True,  # torch AdamW as client optimizer
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_reference_ds_config(lc: LearnerConfig, world_size: int, on_gpu: bool) -> dict[str, Any]:
+    """Inference-only ZeRO-3 engine for a partitioned reference model."""
+    return {
+        "train_micro_batch_size_per_gpu": lc.micro_batch_size,
+        "train_batch_size": lc.micro_batch_size * world_size,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1e4},
+        "bf16": {"enabled": bool(lc.bf16 and on_gpu)},
+        "steps_per_print": 10**9,
+    }
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at optimizer step ``step``: linear warmup from 0, then
+    constant or cosine decay to 0 at ``total_steps`` (and 0 after)."""
+    warmup_steps = max(0, int(warmup_steps))
+    total_steps = max(1, int(total_steps))
+
+    def fn(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        if schedule == "cosine":
+            span = max(1, total_steps - warmup_steps)
+            progress = min(1.0, (step - warmup_steps) / span)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise ValueError(f"learner.lr_schedule: unknown schedule {schedule!r}")
+
+    return fn
+
+
+def estimate_total_steps(cfg: RunConfig) -> int:
+    """Optimizer steps of a whole run (for the cosine schedule): rounds × epochs ×
+    steps per epoch, one pair per prompt (APPO: K sequences per prompt)."""
+    lc = cfg.learner
+    per_step = lc.micro_batch_size * lc.grad_accum_steps * lc.num_ranks
+    if cfg.algorithm == "appo":
+        items, epochs = cfg.rollout.prompts_per_round * cfg.rollout.samples_per_prompt, lc.ppo_epochs
+    else:
+        items, epochs = cfg.rollout.prompts_per_round, lc.epochs_per_round
+    return max(1, cfg.rounds * epochs * ceil_div(items, per_step))
+
+
+def plan_micro_batches(
+    n: int, world_size: int, micro_batch_size: int, grad_accum_steps: int = 1, seed: int = 0, unit: int = 1
+) -> list[list[list[int]]]:
+    """Assign ``n`` items (in units of ``unit`` consecutive items, e.g. the K samples of
+    a prompt) to ``world_size`` ranks: ``plan[rank][step]`` is a list of item indices.
+
+    Every rank gets the same number of micro-batches, a multiple of
+    ``grad_accum_steps``, each non-empty and at most ``micro_batch_size`` units. When
+    units do not divide evenly, a few units are visited twice (wrapping around the
+    shuffled order) rather than dropped.
+    """
+    if n <= 0:
+        return [[] for _ in range(world_size)]
+    if n % unit:
+        raise ValueError(f"{n} items do not split into units of {unit}")
+    units = n // unit
+    per_rank = ceil_div(units, world_size)
+    steps = ceil_div(per_rank, micro_batch_size)
+    steps = ceil_div(steps, grad_accum_steps) * grad_accum_steps
+    per_rank = max(per_rank, steps)
+    order = list(range(units))
+    random.Random(seed).shuffle(order)
+    needed = per_rank * world_size
+    tiled = (order * ceil_div(needed, units))[:needed]
+    plan = []
+    for r in range(world_size):
+        mine = tiled[r * per_rank : (r + 1) * per_rank]
+        # Near-equal split into exactly `steps` micro-batches (sizes differ by ≤ 1).
+        q, rem = divmod(len(mine), steps)
+        batches, start = [], 0
+        for s in range(steps):
+            size = q + (1 if s < rem else 0)
+            chunk = mine[start : start + size]
+            start += size
+            batches.append([u * unit + j for u in chunk for j in range(unit)])
+        plan.append(batches)
+    return plan
+
+
+def merge_metrics(parts: Sequence[dict[str, Any]], prefix: str = "train/") -> dict[str, float]:
+    """Combine the ranks' ``{"sums": {...}, "count": n, ...}`` into weighted means."""
+    sums: dict[str, float] = {}
+    count = 0.0
+    extra: dict[str, float] = {}
+    for p in parts:
+        count += p["count"]
+        for k, v in p["sums"].items():
+            sums[k] = sums.get(k, 0.0) + v
+        for k, v in p.get("last", {}).items():
+            extra[k] = v  # identical across ranks (lr, steps, grad norm)
+    out = {f"{prefix}{k}": v / max(count, 1e-12) for k, v in sums.items()}
+    out.update({f"{prefix}{k}": v for k, v in extra.items()})
+    return out
+
+
+def winner_example(record: dict) -> dict:
+    """SFT example from a pair record's chosen side (keeps system prompt and history),
+    or the example itself if it already is ``{"prompt", "response"}``."""
+    if "response" in record:
+        return record
+    out = {"prompt": record["prompt"], "response": record["chosen"]["text"]}
+    for key in ("system", "history"):
+        if record.get(key):
+            out[key] = record[key]
+    return out
+
+
+# --------------------------------------------------------------------------- rank actor
+
+
+def _setup_threads() -> None:
+    # Ranks share a 2-core machine in tests; oversubscribed OpenMP threads thrash.
+    n = int(os.environ.get("TWODRL_TORCH_THREADS", "1"))
+    torch.set_num_threads(n)
+    import warnings
+
+    # DeepSpeed's ZeRO calls a torch.distributed alias that torch now flags on every step.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+
+
+class LearnerRank(WeightSenderMixin):
+    """One DeepSpeed rank. Created by :class:`PolicyLearnerGroup`; every method that
+    touches the engine is collective and must be called on all ranks together."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if cfg.learner.num_gpus_per_rank == 0 else "cuda")
+        _setup_threads()
+        self.cfg = cfg
+        self.lc = cfg.learner
+        self.rank = rank
+        self.world_size = world_size
+        self.on_gpu = cfg.learner.num_gpus_per_rank > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        self.engine = None
+        self.ref_model = None
+        self.tokenizer = None
+        self.weights = list(cfg.aspects.weights)
+        self.aspects = list(cfg.aspects.names)
+        self._round = 0
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0: its node IP and a free port for the process group."""
+        return node_ip(), free_port()
+
+    def setup(self, master_addr: str, master_port: int, total_steps: int) -> dict[str, Any]:
+        import deepspeed
+
+        from twodrl.models.loading import load_causal_lm, load_tokenizer
+
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0" if not self.on_gpu else str(torch.cuda.current_device()),
+        )
+        backend = "nccl" if self.on_gpu else "gloo"
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, rank=self.rank, world_size=self.world_size, verbose=False
+        )
+        policy_cfg = self._model_cfg(self.cfg.policy)
+        self.tokenizer = load_tokenizer(policy_cfg)
+        ds_config = build_ds_config(self.lc, self.world_size, self.on_gpu)
+        # The full model is loaded, then deepspeed.initialize partitions it (ZeRO-3).
+        # transformers' zero.Init loading path would avoid the full copy per rank but
+        # needs `accelerate`, which the install does not bring; for models too large for
+        # one host's memory, add it and wrap this call in HfDeepSpeedConfig.
+        model = load_causal_lm(policy_cfg, device=self.device)
+        if self.lc.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        model.train()
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=self.lc.lr, weight_decay=self.lc.weight_decay,
+            betas=(0.9, 0.95),
+        )
+        warmup = int(self.lc.warmup_ratio * total_steps)
+        schedule = lr_lambda(self.lc.lr_schedule, warmup, total_steps)
+        self.engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=ds_config,
+        )
+        if self.lc.colocate_reference:
+            self.ref_model = self._load_reference(partitioned=self.lc.zero_stage == 3)
+        return {"rank": self.rank, "pid": os.getpid(), "backend": backend, "device": str(self.device)}
+
+    def _model_cfg(self, m: ModelConfig) -> ModelConfig:
+        from dataclasses import replace
+
+        # fp32 master weights on every device; bf16 compute is DeepSpeed's job on GPU.
+        return replace(m, dtype="float32")
+
+    def _load_reference(self, partitioned: bool, state: Optional[dict[str, torch.Tensor]] = None):
+        import deepspeed
+
+        from twodrl.models.loading import load_causal_lm
+
+        ref_cfg = self._model_cfg(self.cfg.reference or self.cfg.policy)
+        ref = load_causal_lm(ref_cfg, device=self.device)
+        if state is not None:
+            _load_full_state(ref, state)
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        if partitioned:
+            ds_config = build_reference_ds_config(self.lc, self.world_size, self.on_gpu)
+            engine, *_ = deepspeed.initialize(model=ref, config=ds_config)
+            engine.eval()
+            return engine
+        return ref.eval()
+
+    def reset_reference_to_policy(self) -> bool:
+        """Make the reference a frozen copy of the current policy. The driver calls it
+        after the SFT warm start, so KL and implicit rewards are measured against the
+        policy the online rounds start from, not the random init. Collective under
+        ZeRO-3 (every rank gathers the full parameters)."""
+        state = self._full_state_dict()
+        if self.ref_model is None:
+            return False
+        self.ref_model = self._load_reference(partitioned=self.lc.zero_stage == 3, state=state)
+        return True
+
+    # ------------------------------------------------------------------ forward passes
+
+    @torch.no_grad()
+    def reference_logps(self, micro_batches: list[list[dict]], kind: str = "pairs") -> list[torch.Tensor]:
+        """Reference token log-probs ``[rows, T]`` per micro-batch (CPU tensors)."""
+        if self.ref_model is None:
+            raise RuntimeError("this rank has no colocated reference (learner.colocate_reference is false)")
+        return [_token_logps(self.ref_model, self._collate(mb, kind), self.device)[0].cpu() for mb in micro_batches]
+
+    @torch.no_grad()
+    def policy_logps(self, micro_batches: list[list[dict]], kind: str = "sequences") -> list[list[list[float]]]:
+        """Per-token log-probs of each item's response tokens under the current policy."""
+        from twodrl.objectives import unpad_response
+
+        self.engine.eval()
+        out = []
+        try:
+            for mb in micro_batches:
+                batch = self._collate(mb, kind)
+                lp, _ = _token_logps(self.engine, batch, self.device)
+                out.extend(unpad_response(lp.cpu(), batch.response_mask))
+        finally:
+            self.engine.train()
+        return out
+
+    def _collate(self, items: list[dict], kind: str):
+        from twodrl import objectives
+
+        max_length = self.cfg.policy.max_length
+        if kind == "pairs":
+            return objectives.collate_pairs(self.tokenizer, items, self.aspects, max_length)
+        if kind == "sequences":
+            return objectives.collate_sequences(self.tokenizer, items, max_length)
+        if kind == "appo":
+            return objectives.collate_rollouts(self.tokenizer, items, self.aspects, max_length)
+        raise ValueError(f"unknown batch kind {kind!r}")
+
+    # ------------------------------------------------------------------ training
+
+    def _step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def _last(self) -> dict[str, float]:
+        lr = self.engine.get_lr()[0] if self.engine.get_lr() else self.lc.lr
+        norm = self.engine.get_global_grad_norm()
+        out = {"lr": float(lr), "optimizer_steps": float(self.engine.global_steps)}
+        if norm is not None:
+            out["grad_norm"] = float(norm)
+        return out
+
+    def train_pairs(
+        self,
+        micro_batches: list[list[dict]],
+        algorithm: str,
+        ref_logps: Optional[list[torch.Tensor]],
+        epochs: int,
+        seed: int,
+    ) -> dict[str, Any]:
+        from twodrl import objectives
+
+        needs_logits = algorithm in objectives.NEEDS_REFERENCE_LOGITS
+        batches = [self._collate(mb, "pairs") for mb in micro_batches]
+        if ref_logps is None:
+            with torch.no_grad():
+                ref_logps = [_token_logps(self.ref_model, b, self.device)[0] for b in batches]
+        sums: dict[str, float] = {}
+        count = 0
+        rng = random.Random(seed + 7919 * self.rank)
+        for _ in range(epochs):
+            order = list(range(len(batches)))
+            rng.shuffle(order)
+            for i in order:
+                batch = batches[i].to(self.device)
+                lp, logits = _token_logps(self.engine, batch, self.device, return_logits=needs_logits)
+                reference = {"token_logps": ref_logps[i].to(self.device)}
+                if needs_logits:
+                    with torch.no_grad():
+                        _, ref_logits = _token_logps(self.ref_model, batch, self.device, return_logits=True)
+                    reference["logits"] = ref_logits
+                loss, metrics = objectives.compute_preference_loss(
+                    algorithm, {"token_logps": lp, "logits": logits}, reference, batch, self.lc, self.weights
+                )
+                self._step(loss)
+                n = batch.size
+                count += n
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * n
+        return {"sums": sums, "count": count, "last": self._last()}
+
+    def train_sft(self, micro_batches: list[list[dict]], epochs: int, seed: int, lr: Optional[float] = None) -> dict:
+        """NLL on responses (warm start with its own constant lr; DPA-RSF with the
+        learner's schedule)."""
+        from twodrl import objectives
+
+        batches = [self._collate(mb, "sequences") for mb in micro_batches]
+        saved = None
+        if lr is not None:
+            # A fixed lr for this call: park the scheduler (DeepSpeed steps it on every
+            # optimizer step) and restore both afterwards.
+            saved = (self.engine.lr_scheduler, [g["lr"] for g in self.engine.optimizer.param_groups])
+            self.engine.lr_scheduler = None
+            for g in self.engine.optimizer.param_groups:
+                g["lr"] = lr
+        sums: dict[str, float] = {}
+        count = 0
+        rng = random.Random(seed + 7919 * self.rank)
+        try:
+            for _ in range(epochs):
+                order = list(range(len(batches)))
+                rng.shuffle(order)
+                for i in order:
+                    batch = batches[i].to(self.device)
+                    lp, _ = _token_logps(self.engine, batch, self.device)
+                    loss, metrics = objectives.compute_sft_loss(lp, batch.response_mask)
+                    self._step(loss)
+                    count += batch.size
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v) * batch.size
+            last = self._last()
+        finally:
+            if saved is not None:
+                self.engine.lr_scheduler = saved[0]
+                for g, old in zip(self.engine.optimizer.param_groups, saved[1]):
+                    g["lr"] = old
+        return {"sums": sums, "count": count, "last": last}
+
+    def train_appo(
+        self,
+        micro_batches: list[list[dict]],
+        ref_logps: Optional[list[torch.Tensor]],
+        epochs: int,
+        seed: int,
+        group_size: int,
+        weights: Optional[Sequence[float]] = None,
+    ) -> dict[str, Any]:
+        from twodrl import objectives
+
+        weights = list(weights) if weights is not None else self.weights
+
+        batches = [self._collate(mb, "appo") for mb in micro_batches]
+        prepared = []
+        with torch.no_grad():
+            self.engine.eval()
+            for i, b in enumerate(batches):
+                # The behaviour policy's log-probs, recomputed here so that they come
+                # from exactly the weights being trained (sampler log-probs differ by
+                # kernel and temperature).
+                old, _ = _token_logps(self.engine, b, self.device)
+                ref = ref_logps[i].to(self.device) if ref_logps is not None else _token_logps(self.ref_model, b, self.device)[0]
+                adv = objectives.appo_advantages(b, weights, group_size, self.lc)
+                prepared.append((old, ref, adv))
+            self.engine.train()
+        sums: dict[str, float] = {}
+        count = 0
+        rng = random.Random(seed + 7919 * self.rank)
+        for _ in range(epochs):
+            order = list(range(len(batches)))
+            rng.shuffle(order)
+            for i in order:
+                batch = batches[i].to(self.device)
+                old, ref, adv = prepared[i]
+                lp, _ = _token_logps(self.engine, batch, self.device)
+                loss, metrics = objectives.compute_appo_loss(
+                    lp, old, ref, adv.advantages, adv.mask, batch.response_mask, self.lc
+                )
+                self._step(loss)
+                count += batch.size
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * batch.size
+        return {"sums": sums, "count": count, "last": self._last()}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Collective: every rank writes its DeepSpeed shard; rank 0 also writes the
+        Hugging Face policy (full weights, gathered under ZeRO-3)."""
+        from twodrl.models.loading import save_pretrained_safe
+
+        d = Path(directory)
+        self.engine.save_checkpoint(str(d / DS_SUBDIR), tag="latest_round", client_state={"round": self._round})
+        # ZeRO-3 gathers are collective: every rank walks the parameters; otherwise
+        # rank 0 already holds them all.
+        state = self._full_state_dict() if (self.rank == 0 or self.lc.zero_stage == 3) else {}
+        if self.rank == 0:
+            model = self.engine.module
+            save_pretrained_safe(_StateModel(model, state), self.tokenizer, d / HF_SUBDIR)
+
+    def load_checkpoint(self, directory: str) -> dict:
+        d = Path(directory) / DS_SUBDIR
+        path, client = self.engine.load_checkpoint(
+            str(d), tag="latest_round", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {d}")
+        self._round = int((client or {}).get("round", 0))
+        return {"path": path, **(client or {})}
+
+    def finalize(self, tmp: str, final: str) -> None:
+        """Rank 0: move a finished checkpoint into place (atomic rename)."""
+        tmp_p, final_p = Path(tmp), Path(final)
+        if final_p.exists():
+            old = final_p.with_name(f".{final_p.name}.old.{os.getpid()}")
+            os.replace(final_p, old)
+            os.replace(tmp_p, final_p)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            final_p.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp_p, final_p)
+
+    # ------------------------------------------------------------------ weights
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (unpartitioned) parameters on CPU. Collective under ZeRO-3."""
+        return dict(self.named_full_parameters())
+
+    def named_full_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor copied to CPU) for every parameter, in module order.
+        Under ZeRO-3 each parameter is gathered in turn (collective on all ranks)."""
+        from actors.weight_sync import named_full_parameters
+
+        return [(n, t.to("cpu", copy=True)) for n, t in named_full_parameters(self.engine.module)]
+
+    # WeightSenderMixin hooks (actors/weight_sync.py): the mixin's
+    # export_weights_object_store / weight_sync_endpoint / init_weight_group /
+    # broadcast_weights run on every rank (ZeRO-3 gathers are collective); rank 0 sends.
+    def weight_sync_model(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def weight_sync_rank(self) -> int:
+        return self.rank
+
+    def weight_sync_dtype(self) -> Optional[torch.dtype]:
+        # Rollout engines run in the policy's configured dtype; fp32 master weights are
+        # cast once per bucket on the learner, halving the bytes moved for bf16.
+        from twodrl.models.loading import torch_dtype
+
+        return torch_dtype(self.cfg.policy) if self.on_gpu else None
+
+    def set_round(self, r: int) -> None:
+        self._round = int(r)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _StateModel:
+    """Lets ``save_pretrained_safe`` write a model whose parameters are partitioned:
+    save_pretrained is called with an explicit full state dict."""
+
+    def __init__(self, model, state_dict):
+        self._model = model
+        self._state = state_dict
+        self.generation_config = getattr(model, "generation_config", None)
+
+    def save_pretrained(self, path, safe_serialization: bool = True):
+        self._model.save_pretrained(path, state_dict=self._state, safe_serialization=safe_serialization)
+
+
+def _token_logps(model, batch, device, return_logits: bool = False):
+    from twodrl.objectives import forward_token_logps
+
+    return forward_token_logps(model, batch.to(device), return_logits=return_logits)
+
+
+def _load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load full (gathered) parameters by name; every parameter of ``model`` must be
+    covered (tied weights may appear once)."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {n for n in missing if n.endswith("lm_head.weight")} if getattr(model.config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"reference reset: missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+
+class ReferenceServer:
+    """The frozen reference model as its own actor (``reference-0``), used when
+    ``learner.colocate_reference`` is false: log-probs for every rank's micro-batches."""
+
+    def __init__(self, cfg: RunConfig):
+        _setup_threads()
+        from dataclasses import replace
+
+        from twodrl.models.loading import load_causal_lm, load_tokenizer
+
+        self.cfg = cfg
+        on_gpu = cfg.learner.num_gpus_per_rank > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda") if on_gpu else torch.device("cpu")
+        mc = replace(cfg.reference or cfg.policy, dtype="bfloat16" if on_gpu and cfg.learner.bf16 else "float32")
+        self.model = load_causal_lm(mc, device=self.device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.tokenizer = load_tokenizer(replace(cfg.policy))
+        self.aspects = list(cfg.aspects.names)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the reference weights (see ``LearnerRank.reset_reference_to_policy``)."""
+        _load_full_state(self.model, state)
+
+    @torch.no_grad()
+    def logps(self, micro_batches: list[list[dict]], kind: str = "pairs") -> list[torch.Tensor]:
+        from twodrl import objectives
+
+        out = []
+        for mb in micro_batches:
+            if kind == "pairs":
+                b = objectives.collate_pairs(self.tokenizer, mb, self.aspects, self.cfg.policy.max_length)
+            elif kind == "appo":
+                b = objectives.collate_rollouts(self.tokenizer, mb, self.aspects, self.cfg.policy.max_length)
+            else:
+                b = objectives.collate_sequences(self.tokenizer, mb, self.cfg.policy.max_length)
+            out.append(objectives.forward_token_logps(self.model, b.to(self.device))[0].float().cpu())
+        return out
+
+
+# --------------------------------------------------------------------------- driver handle
+
+
+class PolicyLearnerGroup:
+    """Driver-side handle of the learner ranks (a plain class, not an actor).
+
+    Methods block until every rank is done and return plain Python values; metrics are
+    weighted means over ranks under TRL names with a ``train/`` prefix.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        namespace: Optional[str] = None,
+        total_steps: Optional[int] = None,
+        validate: bool = True,
+    ):
+        self.cfg = cfg
+        self.lc = cfg.learner
+        self.namespace = namespace or run_namespace(cfg)
+        self.world_size = cfg.learner.num_ranks
+        self.total_steps = total_steps or estimate_total_steps(cfg)
+        self._round = 0
+        if validate:
+            validate_placement(cfg, roles=("learner", "reference"))
+        self._pg = learner_group(cfg)
+        wait_placement_group(self._pg, field_hint="learner.num_gpus_per_rank × learner.num_ranks")
+        rank_cls = ray.remote(LearnerRank)
+        self.ranks = []
+        for i in range(self.world_size):
+            opts = actor_options("learner", i, cfg, self.namespace, placement=self._pg, bundle_index=i if self._pg else -1)
+            # A rank that dies breaks the collective; the driver resumes from the last
+            # checkpoint instead of restarting a rank into a dead process group.
+            opts["max_restarts"] = 0
+            self.ranks.append(get_or_create_actor(rank_cls, opts, cfg, i, self.world_size))
+        self.reference = None
+        if not cfg.learner.colocate_reference:
+            ref_opts = actor_options("reference", 0, cfg, self.namespace)
+            self.reference = get_or_create_actor(ray.remote(ReferenceServer), ref_opts, cfg)
+        addr, port = ray.get(self.ranks[0].rendezvous.remote())
+        self.info = ray.get([r.setup.remote(addr, port, self.total_steps) for r in self.ranks])
+
+    # ------------------------------------------------------------------ helpers
+
+    def _plan(self, n: int, unit: int = 1, micro: Optional[int] = None) -> list[list[list[int]]]:
+        seed = self.cfg.seed * 1_000_003 + self._round
+        return plan_micro_batches(
+            n, self.world_size, micro or self.lc.micro_batch_size, self.lc.grad_accum_steps, seed=seed, unit=unit
+        )
+
+    def _reference_logps(self, shards: list[list[list[dict]]], kind: str) -> list[Optional[list[torch.Tensor]]]:
+        if self.reference is None:
+            return [None] * len(shards)
+        return ray.get([self.reference.logps.remote(s, kind) for s in shards])
+
+    # ------------------------------------------------------------------ public API
+
+    def train_round(self, pairs: Sequence[dict], algorithm: str) -> dict[str, float]:
+        """Train ``learner.epochs_per_round`` epochs on HelpSteer-2D pair records with
+        ``algorithm``; returns ``train/loss``, ``train/rewards/*``, ``train/logps/*``,
+        ``train/kl`` … averaged over all steps and ranks."""
+        from twodrl.objectives import NEEDS_REFERENCE_LOGITS
+
+        if algorithm == "dpa-rsf":
+            # Rejection-sampling fine-tuning: NLL on the winners (records' chosen side or
+            # plain {"prompt", "response"} examples), with the learner's schedule.
+            examples = [winner_example(p) for p in pairs]
+            return self.train_sft(examples, epochs=self.lc.epochs_per_round)
+        if algorithm not in PREFERENCE_ALGORITHMS:
+            hint = " (APPO trains on scored groups: use train_appo)" if algorithm == "appo" else ""
+            raise ConfigError(
+                f"algorithm: {algorithm!r} is not one of {PREFERENCE_ALGORITHMS + ('dpa-rsf',)}{hint}"
+            )
+        if algorithm in NEEDS_REFERENCE_LOGITS and self.reference is not None:
+            raise ConfigError(
+                f"algorithm {algorithm!r} needs the reference model's full distribution on every rank: "
+                "set learner.colocate_reference=true"
+            )
+        if not pairs:
+            return {}
+        t0 = time.perf_counter()
+        plan = self._plan(len(pairs))
+        shards = [[[pairs[i] for i in mb] for mb in rank_plan] for rank_plan in plan]
+        refs = self._reference_logps(shards, "pairs")
+        parts = ray.get([
+            r.train_pairs.remote(shards[k], algorithm, refs[k], self.lc.epochs_per_round, self._seed())
+            for k, r in enumerate(self.ranks)
+        ])
+        self._round += 1
+        out = merge_metrics(parts)
+        out["train/pairs"] = float(len(pairs))
+        out["time/learner_s"] = time.perf_counter() - t0
+        return out
+
+    def train_sft(
+        self, examples: Sequence[dict], lr: Optional[float] = None, epochs: int = 1
+    ) -> dict[str, float]:
+        """Supervised fine-tuning on ``{"prompt", "response", "system"?, "history"?}``:
+        the warm start (with its own ``lr``) and DPA-RSF (winners, learner schedule)."""
+        if not examples:
+            return {}
+        plan = self._plan(len(examples))
+        shards = [[[examples[i] for i in mb] for mb in rank_plan] for rank_plan in plan]
+        parts = ray.get([r.train_sft.remote(shards[k], epochs, self._seed(), lr) for k, r in enumerate(self.ranks)])
+        self._round += 1
+        return merge_metrics(parts)
+
+    def train_appo(self, groups: Sequence[Sequence[Any]], weights: Optional[Sequence[float]] = None,
+                   aspects: Optional[Sequence[str]] = None) -> dict[str, float]:
+        """APPO on K scored samples per prompt (``groups[p][k]``: objects or dicts with
+        ``prompt``, ``text``, ``segments``, ``scores`` [S][A], optional ``history``/
+        ``system``). Micro-batches hold whole groups so the group baseline is exact."""
+        from twodrl.objectives import rollout_items
+
+        if aspects is not None and list(aspects) != list(self.cfg.aspects.names):
+            raise ConfigError(
+                f"train_appo: samples are rated on {list(aspects)} but aspects.names is {self.cfg.aspects.names}"
+            )
+        weights = list(weights) if weights is not None else list(self.cfg.aspects.weights)
+        if len(weights) != len(self.cfg.aspects.names):
+            raise ConfigError(f"train_appo: {len(weights)} weights for aspects {self.cfg.aspects.names}")
+        items, k = rollout_items(groups)
+        if not items:
+            return {}
+        micro_groups = max(1, self.lc.micro_batch_size // k)
+        plan = self._plan(len(items), unit=k, micro=micro_groups)
+        shards = [[[items[i] for i in mb] for mb in rank_plan] for rank_plan in plan]
+        refs = self._reference_logps(shards, "appo")
+        parts = ray.get([
+            r.train_appo.remote(shards[j], refs[j], self.lc.ppo_epochs, self._seed(), k, weights)
+            for j, r in enumerate(self.ranks)
+        ])
+        self._round += 1
+        return merge_metrics(parts)
+
+    def compute_logprobs(self, items: Sequence[dict]) -> list[list[float]]:
+        """Per-token log-probs of each item's response under the current policy.
+        Items: ``{"prompt", "response"}`` texts (chat template applied) or
+        ``{"prompt_token_ids", "response_token_ids"}`` (used as given)."""
+        if not items:
+            return []
+        plan = self._plan(len(items))
+        # Results come back per rank in plan order; undo the plan's shuffle.
+        shards = [[[items[i] for i in mb] for mb in rank_plan] for rank_plan in plan]
+        outs = ray.get([r.policy_logps.remote(shards[k]) for k, r in enumerate(self.ranks)])
+        result: list[Optional[list[float]]] = [None] * len(items)
+        for rank_plan, out in zip(plan, outs):
+            flat = [i for mb in rank_plan for i in mb]
+            for i, lp in zip(flat, out):
+                result[i] = lp
+        return result  # type: ignore[return-value]
+
+    def reset_reference(self) -> None:
+        """Freeze the current policy as the reference model (after the warm start)."""
+        states = ray.get([r.reset_reference_to_policy.remote() for r in self.ranks])
+        if self.reference is not None:
+            ray.get(self.reference.load_state.remote(dict(self.named_full_parameters())))
+        elif not all(states):
+            raise RuntimeError("reset_reference: a rank has no colocated reference model")
+
+    def save_checkpoint(self, directory: str) -> str:
+        """Policy (HF format, safetensors) in ``<dir>/policy`` and the DeepSpeed state
+        (optimizer, scheduler) in ``<dir>/deepspeed``. Written to a temporary sibling and
+        renamed, so ``directory`` is either absent, the old or the complete new one.
+        Multi-node clusters need ``directory`` on shared storage."""
+        final = Path(directory)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{final.name}.tmp.", dir=final.parent)
+        try:
+            ray.get([r.set_round.remote(self._round) for r in self.ranks])
+            ray.get([r.save_checkpoint.remote(tmp) for r in self.ranks])
+            ray.get(self.ranks[0].finalize.remote(tmp, str(final)))
+        finally:
+            if Path(tmp).exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return str(final)
+
+    def load_checkpoint(self, directory: str) -> dict:
+        outs = ray.get([r.load_checkpoint.remote(directory) for r in self.ranks])
+        self._round = int(outs[0].get("round", 0))
+        return outs[0]
+
+    def export_weights_object_store(self, bucket_bytes: int = 64 << 20) -> dict:
+        """Buckets of the full policy weights in the object store, packed by rank 0
+        (every rank takes part: ZeRO-3 gathers are collective). For pushing weights into
+        rollout workers use ``actors.weight_sync.sync_weights(group, workers)``."""
+        outs = ray.get([r.export_weights_object_store.remote(bucket_bytes) for r in self.ranks])
+        return outs[0]
+
+    def broadcast_weights(self, bucket_bytes: int = 64 << 20) -> dict:
+        """Broadcast from rank 0 over a weight group set up by ``sync_weights``
+        (transport ``collective``); all ranks take part."""
+        outs = ray.get([r.broadcast_weights.remote(bucket_bytes) for r in self.ranks])
+        return outs[0]
+
+    def named_full_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        outs = ray.get([r.named_full_parameters.remote() for r in self.ranks])
+        return outs[0]
+
+    def _seed(self) -> int:
+        return self.cfg.seed * 1_000_003 + self._round
+
+    def shutdown(self) -> None:
+        try:
+            ray.get([r.shutdown.remote() for r in self.ranks], timeout=30)
+        except Exception:  # noqa: BLE001 - best effort on teardown
+            pass
+        for a in self.ranks + ([self.reference] if self.reference is not None else []):
+            ray.kill(a, no_restart=True)
+        if self._pg is not None:
+            ray.util.remove_placement_group(self._pg)
