@@ -519,6 +519,7 @@ class OnlineDriver:
 
         t0 = time.perf_counter()
         metrics.update(self.evaluate())
+        self._write_samples(round_idx)
         metrics["time/eval_s"] = time.perf_counter() - t0
         stage_time += metrics["time/eval_s"]
 
@@ -579,6 +580,15 @@ class OnlineDriver:
         out["train/replay"] = n_replay
         out["train/winner_score"] = float(winners.score[winners.index >= 0].mean()) if (winners.index >= 0).any() else math.nan
         return out
+
+    def _write_samples(self, round_idx: int) -> None:
+        """Held-out responses of the round with their segment × aspect ratings, to read
+        what the policy actually says (``RUN_DIR/samples/round-000K.jsonl``)."""
+        out = self.run_dir / "samples" / f"round-{round_idx:04d}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w") as f:
+            for s in self.last_eval_samples:
+                f.write(json.dumps({"prompt": s.prompt, "text": s.text, "segments": s.segments, "scores": s.scores}) + "\n")
 
     def _log(self, metrics: dict) -> dict:
         """Log first, then the checkpoint marks the round complete: on resume, metric

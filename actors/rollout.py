@@ -1,0 +1,505 @@
+"""Rollout workers: sample responses from the current policy, with per-token log-probs.
+
+One Ray actor per inference engine (``rollout-<i>`` in the run's namespace). Two
+backends sit behind :class:`RolloutBackend`:
+
+- ``vllm`` (default): a vLLM engine in this actor's process
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; with tensor parallelism on GPU its extra ranks
+  are Ray workers inside the actor's placement group). Weight updates go through
+  :class:`VLLMWeightSyncExtension`, a worker extension that runs *inside* each engine
+  rank and calls the worker's in-place ``reload_weights`` — the path vLLM itself uses
+  for RL weight updates. It works on the CPU build, where the model's
+  ``load_weights`` alone fails because the CPU kernels keep repacked copies of the
+  weights: ``reload_weights`` restores the checkpoint layout, loads, re-runs the
+  per-layer post-processing and copies the result back into the original storage
+  (so CUDA graphs stay valid on GPU).
+- ``hf``: ``transformers`` ``generate`` — slow, for debugging and as a fallback.
+
+Requests are ``{"id", "prompt", "history"?, "system"?}``; DPA's preference-conditioned
+instruction goes in ``system``. Prompts are rendered with the model's chat template by
+:func:`twodrl.models.logprobs.render_prompt`, the same rendering the learner uses, so the
+token ids a sample was drawn from are the ids the learner scores.
+
+Log-probs are *raw*: the model's distribution before temperature / top-p (vLLM's
+default ``raw_logprobs`` mode), i.e. what the learner's forward pass computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Iterator, Optional, Protocol, Sequence
+
+import ray
+import torch
+
+from actors.common import actor_options, run_namespace, tensor_parallel_group, wait_placement_group
+from actors.weight_sync import (
+    BufferPool,
+    WeightGroup,
+    consume_buckets,
+    iter_broadcast_buckets,
+    iter_object_store_buckets,
+)
+from twodrl.config import RunConfig
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@torch.no_grad()
+def hf_sequence_logprobs(
+    model: torch.nn.Module,
+    prompt_token_ids: Sequence[Sequence[int]],
+    response_token_ids: Sequence[Sequence[int]],
+    batch_size: int = 16,
+) -> list[list[float]]:
+    """Per-token log-probs of each response given its prompt, from one padded forward
+    pass per batch: ``log p(r_t | prompt, r_<t)`` for every response token. Works on
+    token ids as given (no re-tokenisation), which is what parity checks need."""
+    from twodrl.models.logprobs import token_logprobs_from_logits
+
+    if len(prompt_token_ids) != len(response_token_ids):
+        raise ValueError(
+            f"sequence_logprobs: {len(prompt_token_ids)} prompts but {len(response_token_ids)} responses"
+        )
+    device = next(model.parameters()).device
+    out: list[list[float]] = []
+    for start in range(0, len(prompt_token_ids), batch_size):
+        prompts = prompt_token_ids[start : start + batch_size]
+        responses = response_token_ids[start : start + batch_size]
+        seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+        lengths = torch.tensor([len(s) for s in seqs])
+        width = int(lengths.max())
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        # Logits at position t predict token t+1 (same helper as the learner's).
+        lp = token_logprobs_from_logits(logits[:, :-1], ids[:, 1:].to(device)).cpu()
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            out.append(lp[i, len(p) - 1 : len(p) - 1 + len(r)].tolist())
+    return out
+
+
+def _validate_requests(requests: Sequence[dict]) -> None:
+    for i, req in enumerate(requests):
+        if not isinstance(req, dict) or "id" not in req or "prompt" not in req:
+            raise ValueError(f"rollout request {i}: expected a dict with 'id' and 'prompt', got {req!r:.200}")
+
+
+# --------------------------------------------------------------------------- backend protocol
+
+
+class RolloutBackend(Protocol):
+    """What a rollout engine must do. Token ids in, token ids out: rendering and
+    detokenisation happen once, in :class:`RolloutWorker`."""
+
+    def generate(
+        self,
+        prompt_token_ids: list[list[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        seed: Optional[int],
+    ) -> list[list[dict]]:
+        """Per prompt, ``n`` samples ``{"token_ids", "logprobs", "finish_reason"}``."""
+
+    def sequence_logprobs(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[list[float]]: ...
+
+    def load_from_object_store(self, refs: list) -> int:
+        """Load every bucket behind ``refs`` in place; returns tensors loaded."""
+
+    def weight_group_ranks(self) -> int:
+        """How many ranks this engine contributes to a weight group (its TP size)."""
+
+    def init_weight_group(self, host: str, port: int, world_size: int, rank_base: int, backend: str,
+                          timeout_s: float, token: str) -> None: ...
+
+    def receive_broadcast(self) -> int:
+        """Receive one broadcast of all buckets and load them; returns tensors loaded."""
+
+
+# --------------------------------------------------------------------------- vLLM
+
+
+class VLLMWeightSyncExtension:
+    """Mixed into every vLLM worker (``worker_extension_cls``): ``self`` is the worker,
+    so these methods run next to the model on each engine rank — in-process on CPU,
+    in each TP worker on GPU. Called through ``LLM.collective_rpc``."""
+
+    def twodrl_load_object_store(self, refs: list) -> int:
+        # One reload session for all buckets: vLLM post-processes a layer once all its
+        # weights (e.g. q, k and v of one fused qkv_proj) have arrived, so splitting the
+        # sync into a session per bucket could process a half-loaded layer.
+        return consume_buckets(iter_object_store_buckets(refs), self._twodrl_reload)
+
+    def twodrl_init_weight_group(self, host: str, port: int, world_size: int, rank_base: int, backend: str,
+                                 timeout_s: float, token: str) -> None:
+        device = getattr(self, "device", None) if backend == "nccl" else None
+        self._twodrl_group = WeightGroup.join(
+            host, port, rank_base + int(getattr(self, "rank", 0)), world_size, backend, timeout_s,
+            device=device, token=token,
+        )
+
+    def twodrl_receive_broadcast(self) -> int:
+        group = getattr(self, "_twodrl_group", None)
+        if group is None:
+            raise RuntimeError("rollout engine has no weight group; the driver must call init_weight_group first")
+        pool = getattr(self, "_twodrl_pool", None)
+        if pool is None:
+            pool = self._twodrl_pool = BufferPool()
+        return consume_buckets(iter_broadcast_buckets(group, pool), self._twodrl_reload)
+
+    def _twodrl_reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+
+
+class VLLMBackend:
+    def __init__(self, model_path: str, cfg: RunConfig, seed: int):
+        # In-process engine: tensors handed to collective_rpc reach the worker as they
+        # are (no serialisation), and an actor can host it (no fork of a Ray worker).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        on_cpu = cfg.rollout.num_gpus <= 0
+        if on_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
+        from vllm import LLM
+
+        r = cfg.rollout
+        kwargs: dict[str, Any] = dict(
+            model=model_path,
+            tokenizer=model_path,
+            dtype=cfg.policy.dtype,
+            seed=seed,
+            max_model_len=cfg.policy.max_length,
+            trust_remote_code=cfg.policy.trust_remote_code,
+            tensor_parallel_size=r.tensor_parallel_size,
+            worker_extension_cls=f"{VLLMWeightSyncExtension.__module__}.{VLLMWeightSyncExtension.__qualname__}",
+            # Kernel compilation and CUDA graphs pay off on GPU; on CPU they only add
+            # start-up minutes.
+            enforce_eager=on_cpu,
+        )
+        if not on_cpu:
+            kwargs["gpu_memory_utilization"] = r.gpu_memory_utilization
+            if r.tensor_parallel_size > 1:
+                kwargs["distributed_executor_backend"] = "ray"
+        self.llm = LLM(**kwargs)
+        self.tp = r.tensor_parallel_size
+
+    def generate(self, prompt_token_ids, n, temperature, top_p, max_new_tokens, seed):
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p if temperature > 0 else 1.0,
+            max_tokens=max_new_tokens,
+            logprobs=0,  # the sampled token's own log-prob only
+            seed=seed,
+            detokenize=False,  # the worker decodes once, the same way for every backend
+        )
+        outs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids], params, use_tqdm=False)
+        results = []
+        for out in outs:
+            samples = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                lps = [float(d[t].logprob) for t, d in zip(ids, c.logprobs)]
+                samples.append({"token_ids": ids, "logprobs": lps, "finish_reason": c.finish_reason or "length"})
+            results.append(samples)
+        return results
+
+    def sequence_logprobs(self, prompt_token_ids, response_token_ids):
+        from vllm import SamplingParams
+
+        # Score the whole sequence as a prompt; prompt_logprobs=0 returns the log-prob
+        # of each actual token. Generate a single greedy token and ignore it.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        seqs = [{"prompt_token_ids": list(p) + list(r)} for p, r in zip(prompt_token_ids, response_token_ids)]
+        outs = self.llm.generate(seqs, params, use_tqdm=False)
+        result = []
+        for out, p, r in zip(outs, prompt_token_ids, response_token_ids):
+            full = list(p) + list(r)
+            lps = out.prompt_logprobs
+            result.append([float(lps[i][full[i]].logprob) for i in range(len(p), len(full))])
+        return result
+
+    def _after_update(self) -> None:
+        # Cached prefix KV blocks were computed with the old weights.
+        self.llm.reset_prefix_cache()
+
+    def load_from_object_store(self, refs):
+        counts = self.llm.collective_rpc("twodrl_load_object_store", args=(refs,))
+        self._after_update()
+        return int(counts[0])
+
+    def weight_group_ranks(self) -> int:
+        return self.tp
+
+    def init_weight_group(self, host, port, world_size, rank_base, backend, timeout_s, token):
+        self.llm.collective_rpc(
+            "twodrl_init_weight_group", args=(host, port, world_size, rank_base, backend, timeout_s, token)
+        )
+
+    def receive_broadcast(self):
+        counts = self.llm.collective_rpc("twodrl_receive_broadcast")
+        self._after_update()
+        return int(counts[0])
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+class HFBackend:
+    """``transformers`` generation. Log-probs come from a forward pass over the sampled
+    sequences, so they are raw log-probs exactly like the vLLM backend's."""
+
+    def __init__(self, model_path: str, cfg: RunConfig, seed: int):
+        from twodrl.models.loading import load_causal_lm, load_tokenizer
+
+        mc = dataclasses.replace(cfg.policy, path=model_path)
+        self.device = "cuda" if cfg.rollout.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.model = load_causal_lm(mc, device=self.device)
+        self.tokenizer = load_tokenizer(mc)
+        self.params = dict(self.model.named_parameters())
+        gen = self.model.generation_config
+        eos = gen.eos_token_id if gen is not None else None
+        self.eos_ids = set([eos] if isinstance(eos, int) else (eos or [])) | {self.tokenizer.eos_token_id}
+        self.pad_id = self.tokenizer.pad_token_id
+        self.seed = seed
+        torch.manual_seed(seed)  # unseeded requests still differ across workers, repeat per run
+        self.group: Optional[WeightGroup] = None
+        self.pool = BufferPool()
+
+    def generate(self, prompt_token_ids, n, temperature, top_p, max_new_tokens, seed):
+        if seed is None:
+            return self._generate_batch(prompt_token_ids, n, temperature, top_p, max_new_tokens)
+        # A seed makes each request's samples reproducible on their own, whatever else
+        # is in the batch (as in vLLM, where the seed is per request): one prompt at a
+        # time, each from a freshly seeded generator.
+        out = []
+        for ids in prompt_token_ids:
+            torch.manual_seed(seed)
+            out += self._generate_batch([ids], n, temperature, top_p, max_new_tokens)
+        return out
+
+    @torch.no_grad()
+    def _generate_batch(self, prompt_token_ids, n, temperature, top_p, max_new_tokens):
+        width = max(len(p) for p in prompt_token_ids)
+        # Left padding: every prompt ends at the same column, so new tokens line up.
+        ids = torch.full((len(prompt_token_ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompt_token_ids):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        greedy = temperature <= 0
+        gen = self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            do_sample=not greedy,
+            temperature=None if greedy else temperature,
+            top_p=None if greedy else top_p,
+            top_k=None,
+            num_return_sequences=n,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
+        )[:, width:].cpu()
+        samples: list[list[int]] = []
+        finish: list[str] = []
+        for row in gen.tolist():
+            cut = next((k + 1 for k, t in enumerate(row) if t in self.eos_ids), None)
+            samples.append(row[:cut] if cut else row)
+            finish.append("stop" if cut else "length")
+        prompts = [p for p in prompt_token_ids for _ in range(n)]
+        logprobs = hf_sequence_logprobs(self.model, prompts, samples)
+        out = []
+        for i in range(len(prompt_token_ids)):
+            out.append([
+                {"token_ids": samples[k], "logprobs": logprobs[k], "finish_reason": finish[k]}
+                for k in range(i * n, (i + 1) * n)
+            ])
+        return out
+
+    def sequence_logprobs(self, prompt_token_ids, response_token_ids):
+        return hf_sequence_logprobs(self.model, prompt_token_ids, response_token_ids)
+
+    @torch.no_grad()
+    def _load(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in weights:
+            param = self.params.get(name)
+            if param is None:
+                raise KeyError(f"rollout (hf backend): received weight {name!r} that the model does not have")
+            param.copy_(tensor)
+
+    def load_from_object_store(self, refs):
+        return consume_buckets(iter_object_store_buckets(refs), self._load)
+
+    def weight_group_ranks(self) -> int:
+        return 1
+
+    def init_weight_group(self, host, port, world_size, rank_base, backend, timeout_s, token):
+        device = torch.device(self.device) if backend == "nccl" else None
+        self.group = WeightGroup.join(host, port, rank_base, world_size, backend, timeout_s, device=device, token=token)
+
+    def receive_broadcast(self):
+        if self.group is None:
+            raise RuntimeError("rollout (hf backend) has no weight group; the driver must call init_weight_group first")
+        return consume_buckets(iter_broadcast_buckets(self.group, self.pool), self._load)
+
+
+# --------------------------------------------------------------------------- actor
+
+
+@ray.remote
+class RolloutWorker:
+    """One rollout engine. See the module docstring for the request/result format."""
+
+    def __init__(self, cfg: RunConfig, index: int = 0, backend: Optional[str] = None, model_path: Optional[str] = None):
+        from twodrl.models.loading import load_tokenizer, resolve_model_path
+
+        self.cfg = cfg
+        self.index = index
+        self.backend_name = backend or cfg.rollout.backend
+        if cfg.rollout.num_gpus <= 0:
+            # Ray gives an actor a fractional CPU slot; without a cap torch would start
+            # one thread per core in every actor and they would all fight.
+            torch.set_num_threads(max(1, int(os.environ.get("TWODRL_ROLLOUT_THREADS", "1"))))
+        path = resolve_model_path(model_path or cfg.policy.path)
+        self.model_path = path
+        self.tokenizer = load_tokenizer(dataclasses.replace(cfg.policy, path=path))
+        seed = cfg.seed + 1000 * index
+        if self.backend_name == "vllm":
+            self.backend: RolloutBackend = VLLMBackend(path, cfg, seed)
+        elif self.backend_name == "hf":
+            self.backend = HFBackend(path, cfg, seed)
+        else:
+            raise ValueError(f"rollout.backend: {self.backend_name!r} is not one of ['vllm', 'hf']")
+        self._version = 0
+        self._group_token = ""
+
+    # -- generation ------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return True
+
+    def info(self) -> dict:
+        return {"index": self.index, "backend": self.backend_name, "model_path": self.model_path,
+                "weights_version": self._version}
+
+    def render(self, request: dict) -> list[int]:
+        """Token ids of a request's prompt, rendered with the chat template."""
+        from twodrl.models.logprobs import render_prompt
+
+        text = render_prompt(self.tokenizer, request["prompt"], history=request.get("history"),
+                             system=request.get("system"))
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(
+        self,
+        requests: list[dict],
+        n: Optional[int] = None,
+        temperature: Optional[float] = None,
+        top_p: Optional[float] = None,
+        max_new_tokens: Optional[int] = None,
+        seed: Optional[int] = None,
+        greedy: bool = False,
+    ) -> list[dict]:
+        """Sample ``n`` responses per request. Unset sampling arguments come from
+        ``rollout`` in the config (paper defaults: temperature 0.7, top_p 0.8, 4
+        samples). ``greedy`` overrides temperature (0) and top_p (1)."""
+        _validate_requests(requests)
+        r = self.cfg.rollout
+        n = r.samples_per_prompt if n is None else int(n)
+        temperature = 0.0 if greedy else (r.temperature if temperature is None else float(temperature))
+        top_p = 1.0 if greedy else (r.top_p if top_p is None else float(top_p))
+        max_new_tokens = r.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if n < 1 or max_new_tokens < 1:
+            raise ValueError(f"rollout.generate: n and max_new_tokens must be ≥ 1, got {n}, {max_new_tokens}")
+        prompt_ids = [self.render(req) for req in requests]
+        too_long = [req["id"] for req, ids in zip(requests, prompt_ids)
+                    if len(ids) + max_new_tokens > self.cfg.policy.max_length]
+        if too_long:
+            raise ValueError(
+                f"rollout.generate: prompt + max_new_tokens exceeds policy.max_length "
+                f"({self.cfg.policy.max_length}) for request id(s) {too_long[:5]}"
+            )
+        if not requests:
+            return []
+        samples = self.backend.generate(prompt_ids, n, temperature, top_p, max_new_tokens, seed)
+        out = []
+        for req, ids, per_prompt in zip(requests, prompt_ids, samples):
+            for s in per_prompt:
+                s["text"] = self.tokenizer.decode(s["token_ids"], skip_special_tokens=True)
+            out.append({"id": req["id"], "prompt_token_ids": ids, "weights_version": self._version,
+                        "samples": per_prompt})
+        return out
+
+    def sequence_logprobs(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[list[float]]:
+        """Per-token log-probs of given responses under the current weights."""
+        if len(prompt_token_ids) != len(response_token_ids):
+            raise ValueError(
+                f"sequence_logprobs: {len(prompt_token_ids)} prompts but {len(response_token_ids)} responses"
+            )
+        if any(len(p) == 0 or len(r) == 0 for p, r in zip(prompt_token_ids, response_token_ids)):
+            raise ValueError("sequence_logprobs: every prompt and response needs at least one token")
+        return self.backend.sequence_logprobs(prompt_token_ids, response_token_ids)
+
+    # -- weights -----------------------------------------------------------------------
+
+    def _bump(self, version: Optional[int]) -> int:
+        self._version = self._version + 1 if version is None else int(version)
+        return self._version
+
+    def update_weights_from_buckets(self, payload: dict, version: Optional[int] = None) -> dict:
+        """Load the buckets behind ``payload["refs"]`` (from
+        :func:`actors.weight_sync.export_weights_object_store`) in place."""
+        t = time.perf_counter()
+        count = self.backend.load_from_object_store(list(payload["refs"]))
+        return {"load_s": time.perf_counter() - t, "tensors": count, "version": self._bump(version)}
+
+    def weight_group_ranks(self) -> int:
+        return self.backend.weight_group_ranks()
+
+    def weight_group_token(self) -> str:
+        """The id of the weight group this worker is in ("" if none: e.g. restarted)."""
+        return self._group_token
+
+    def init_weight_group(self, host: str, port: int, world_size: int, rank_base: int, backend: str = "gloo",
+                          timeout_s: float = 600.0, token: str = "") -> None:
+        """Join the learner's weight-broadcast group as ranks ``rank_base ..``."""
+        self.backend.init_weight_group(host, port, world_size, rank_base, backend, timeout_s, token)
+        self._group_token = token
+
+    def receive_weights_broadcast(self, version: Optional[int] = None) -> dict:
+        t = time.perf_counter()
+        count = self.backend.receive_broadcast()
+        return {"load_s": time.perf_counter() - t, "tensors": count, "version": self._bump(version)}
+
+    def weights_version(self) -> int:
+        return self._version
+
+
+def create_rollout_workers(cfg: RunConfig, namespace: Optional[str] = None,
+                           backend: Optional[str] = None) -> list:
+    """Start ``rollout.num_workers`` workers named ``rollout-<i>`` in ``namespace``
+    (default: the run's), with resources and ``max_restarts`` from the config. Waits
+    until every engine is up, so start-up failures surface here."""
+    namespace = namespace or run_namespace(cfg)
+    handles = []
+    for i in range(cfg.rollout.num_workers):
+        from actors.common import role_resources
+
+        pg = tensor_parallel_group(role_resources(cfg, "rollout"), name=f"{namespace}-rollout-{i}")
+        wait_placement_group(pg, field_hint="rollout.tensor_parallel_size / rollout.num_gpus")
+        opts = actor_options("rollout", i, cfg, namespace=namespace, placement=pg, bundle_index=0 if pg else -1)
+        handles.append(RolloutWorker.options(**opts).remote(cfg, i, backend))
+    ray.get([h.ready.remote() for h in handles])
+    return handles
+
+
+__all__ = ["HFBackend", "RolloutBackend", "RolloutWorker", "VLLMBackend", "VLLMWeightSyncExtension",
+           "create_rollout_workers", "hf_sequence_logprobs"]

@@ -1,0 +1,653 @@
+"""Learner → rollout weight sync: bucketed, in place, engines keep running.
+
+Two transports move the same buckets (:mod:`twodrl.weights`):
+
+``object_store``
+    Learner rank 0 packs its full parameters into flat buckets and ``ray.put``s each
+    bucket as a numpy ``uint8`` array (stored out of band: receivers on the node map it
+    read-only, zero-copy). Every rollout worker fetches the buckets one at a time and
+    loads views of them into its engine. Works on any Ray cluster, CPU or GPU.
+
+``collective``
+    A torch.distributed process group made of learner rank 0 and every rollout engine
+    rank (gloo on CPU, NCCL on GPU). It is built on its own ``TCPStore`` and is *not*
+    the learner's default (DeepSpeed) group, so it never interferes with training
+    collectives and can be rebuilt when a rollout worker restarts. Rank 0 broadcasts a
+    JSON header (the bucket plan), then each bucket.
+
+With ZeRO-3 every learner rank holds a shard of each parameter, so *all* ranks walk the
+same bucket plan and gather one bucket's parameters at a time
+(``deepspeed.zero.GatheredParameters``, a collective on the learner's own group); only
+rank 0 packs and sends. Peak extra memory on the learner is one bucket, not one model.
+
+Learner-side API (the learner actor inherits :class:`WeightSenderMixin`, or calls the
+functions directly):
+``export_weights_object_store(model, bucket_bytes, rank)``,
+``WeightGroup.create_master_store`` / ``WeightGroup.join``,
+``broadcast_weights(model, group, bucket_bytes, rank)``.
+Driver side: :func:`sync_weights`.
+
+Parameter names are the Hugging Face names (``model.layers.0.self_attn.q_proj.weight``);
+vLLM's model ``load_weights`` maps them onto its fused q/k/v and gate/up parameters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import ray
+import torch
+
+from twodrl.weights import (
+    Bucket,
+    bucket_from_payload,
+    bucket_nbytes,
+    bucket_to_payload,
+    iter_unpacked,
+    metas_from_bytes,
+    metas_to_bytes,
+    pack_bucket,
+    plan_buckets,
+)
+
+DEFAULT_BUCKET_MB = 64
+# Wrapper prefixes that are not part of the model's own parameter names.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
+_STORE_PREFIX = "twodrl-weight-sync"
+
+
+# --------------------------------------------------------------------------- naming
+
+
+def hf_param_name(name: str) -> str:
+    """Strip DeepSpeed / DDP / torch.compile wrapper prefixes: the rollout engine loads
+    plain Hugging Face names."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                changed = True
+    return name
+
+
+def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    # ZeRO-3 partitions a parameter in place: p.shape is empty, ds_shape is the real one.
+    return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+
+def _is_zero3(params: Sequence[torch.Tensor]) -> bool:
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+@contextmanager
+def _gathered(params: list[torch.Tensor], zero3: bool):
+    """Full parameters inside the block. A collective across the learner's ranks under
+    ZeRO-3 (every rank must enter with the same list); a no-op otherwise."""
+    if not zero3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def _sync_dtype(p: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
+    return dtype if (dtype is not None and p.is_floating_point()) else p.dtype
+
+
+def weight_plan(
+    model: torch.nn.Module, bucket_bytes: int, dtype: Optional[torch.dtype] = None
+) -> tuple[list, dict[str, torch.Tensor]]:
+    """The bucket plan for ``model``'s parameters and a name → parameter map. Identical
+    on every learner rank (it depends only on names, full shapes and dtypes)."""
+    named = [(hf_param_name(n), p) for n, p in model.named_parameters()]
+    if not named:
+        raise ValueError(f"weight_sync: {type(model).__name__} has no parameters to sync")
+    plans = plan_buckets(((n, _sync_dtype(p, dtype), _full_shape(p)) for n, p in named), bucket_bytes)
+    return plans, dict(named)
+
+
+class BufferPool:
+    """Flat ``uint8`` buffers kept from one sync to the next, one per bucket index.
+
+    A fresh multi-megabyte allocation is served by ``mmap`` and page-faulted on first
+    touch, which on CPU costs more than the copy that fills it; warm buffers leave only
+    the copy. A buffer is handed out again only at the *next* sync, when its previous
+    contents have been consumed (sent and waited for, ``ray.put`` copied, or loaded by
+    the engine's completed reload).
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[int, torch.Tensor] = {}
+
+    def get(self, index: int, nbytes: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        buf = self._bufs.get(index)
+        if buf is None or buf.numel() < nbytes or buf.device != torch.device(device):
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self._bufs[index] = buf
+        return buf[:nbytes]
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
+def iter_packed_buckets(
+    model: torch.nn.Module,
+    bucket_bytes: int,
+    *,
+    pack: bool = True,
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device] = None,
+    pool: Optional[BufferPool] = None,
+) -> Iterator[Optional[Bucket]]:
+    """Yield one packed :class:`Bucket` per planned bucket (``None`` where ``pack`` is
+    False: non-source ZeRO-3 ranks still have to take part in every gather). With a
+    ``pool`` the buckets are packed into reused buffers: consume each bucket before
+    the next sync."""
+    plans, by_name = weight_plan(model, bucket_bytes, dtype)
+    zero3 = _is_zero3(list(by_name.values()))
+    if not pack and not zero3:
+        return  # nothing to gather, nothing to send
+    for i, plan in enumerate(plans):
+        params = [by_name[m.name] for m in plan]
+        with _gathered(params, zero3), torch.no_grad():
+            if pack:
+                out = None
+                if pool is not None:
+                    out = pool.get(i, bucket_nbytes(plan), device or params[0].device)
+                elif device is not None:
+                    out = torch.empty(bucket_nbytes(plan), dtype=torch.uint8, device=device)
+                yield pack_bucket(plan, params, out=out)
+            else:
+                yield None
+
+
+def named_full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hf_name, full tensor)`` for every parameter, gathering ZeRO-3 shards one at a
+    time (a collective: every learner rank must iterate). The tensor is only valid until
+    the next item under ZeRO-3 — copy it if you keep it."""
+    named = [(hf_param_name(n), p) for n, p in model.named_parameters()]
+    zero3 = _is_zero3([p for _, p in named])
+    for name, p in named:
+        with _gathered([p], zero3), torch.no_grad():
+            yield name, p.detach()
+
+
+# --------------------------------------------------------------------------- object store
+
+
+def export_weights_object_store(
+    model: torch.nn.Module,
+    bucket_bytes: int,
+    rank: int = 0,
+    dtype: Optional[torch.dtype] = None,
+    pool: Optional[BufferPool] = None,
+) -> Optional[dict]:
+    """Pack the full parameters and ``ray.put`` each bucket. Call on every learner rank
+    (ZeRO-3 gathers are collective); rank 0 returns ``{"refs": [ObjectRef, ...],
+    "bytes": int, "pack_s": float, "put_s": float}``, other ranks ``None``.
+
+    The refs are returned inside a dict so Ray passes them by reference (a top-level
+    ObjectRef argument would be fetched eagerly by the callee)."""
+    refs: list = []
+    pack_s = put_s = 0.0
+    nbytes = 0
+    t = time.perf_counter()
+    # ray.put copies the bucket into the object store, so a pooled buffer is free
+    # again as soon as put returns.
+    for bucket in iter_packed_buckets(model, bucket_bytes, pack=(rank == 0), dtype=dtype, pool=pool):
+        t1 = time.perf_counter()
+        pack_s += t1 - t
+        if bucket is not None:
+            nbytes += bucket.nbytes
+            refs.append(ray.put(bucket_to_payload(bucket)))
+        t = time.perf_counter()
+        put_s += t - t1
+    if rank != 0:
+        return None
+    return {"refs": refs, "bytes": nbytes, "pack_s": pack_s, "put_s": put_s}
+
+
+def iter_object_store_buckets(refs: Sequence[Any]) -> Iterator[Bucket]:
+    """Fetch buckets one at a time (bounded memory) as zero-copy views."""
+    for ref in refs:
+        yield bucket_from_payload(ray.get(ref))
+
+
+# --------------------------------------------------------------------------- collective
+
+
+class WeightGroup:
+    """A standalone process group for weight broadcast: learner rank 0 (group rank 0)
+    plus every rollout engine rank. Built from its own ``TCPStore`` and a directly
+    constructed ``ProcessGroupGloo`` / ``ProcessGroupNCCL``, so it touches neither the
+    default process group nor DeepSpeed's groups, and several can coexist in a process.
+    """
+
+    def __init__(self, pg: Any, store: Any, rank: int, world_size: int, backend: str, device: torch.device,
+                 token: str):
+        self.pg = pg
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.backend = backend
+        self.device = device
+        self.token = token
+
+    # -- construction --------------------------------------------------------------
+
+    @staticmethod
+    def create_master_store(host: str, world_size: int, timeout_s: float) -> Any:
+        """The TCPStore server, bound by rank 0 on an OS-chosen port (no race between
+        picking a free port and binding it). ``store.port`` tells the others."""
+        from torch.distributed import TCPStore
+
+        return TCPStore(
+            host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+        )
+
+    @classmethod
+    def join(
+        cls,
+        host: str,
+        port: int,
+        rank: int,
+        world_size: int,
+        backend: str = "gloo",
+        timeout_s: float = 600.0,
+        device: Optional[torch.device] = None,
+        store: Any = None,
+        token: str = "",
+    ) -> "WeightGroup":
+        """Join (rank ≥ 1) or finish creating (rank 0, passing the master ``store``)
+        the group. Blocks until all ``world_size`` ranks have joined."""
+        from torch.distributed import PrefixStore, TCPStore
+
+        if not 0 <= rank < world_size:
+            raise ValueError(f"weight_sync: rank {rank} outside world_size {world_size}")
+        timeout = timedelta(seconds=timeout_s)
+        if store is None:
+            store = TCPStore(host, port, world_size, is_master=False, timeout=timeout)
+        # A prefix per group token: a rebuilt group never reads a stale key.
+        prefixed = PrefixStore(f"{_STORE_PREFIX}/{token}", store)
+        if backend == "gloo":
+            from torch.distributed import ProcessGroupGloo
+
+            pg = ProcessGroupGloo(prefixed, rank, world_size, timeout)
+            dev = torch.device("cpu")
+        elif backend == "nccl":  # GPU clusters only
+            from torch.distributed import ProcessGroupNCCL
+
+            dev = device or torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(dev)
+            opts = ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            pg = ProcessGroupNCCL(prefixed, rank, world_size, opts)
+        else:
+            raise ValueError(f"weight_sync: backend must be 'gloo' or 'nccl', got {backend!r}")
+        return cls(pg, store, rank, world_size, backend, dev, token)
+
+    # -- ops -----------------------------------------------------------------------
+
+    def broadcast_async(self, tensor: torch.Tensor, src: int = 0) -> Any:
+        """Start a broadcast; returns the work handle (``.wait()`` it)."""
+        # ProcessGroup.broadcast takes group-local ranks (torch.distributed.broadcast
+        # would map them through the default group, which this group is not part of).
+        from torch.distributed import BroadcastOptions
+
+        opts = BroadcastOptions()
+        opts.rootRank = src
+        return self.pg.broadcast([tensor], opts)
+
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
+        self.broadcast_async(tensor, src).wait()
+
+    def close(self) -> None:
+        self.pg = None
+        self.store = None
+
+
+def broadcast_weights(
+    model: torch.nn.Module,
+    group: Optional[WeightGroup],
+    bucket_bytes: int,
+    rank: int = 0,
+    dtype: Optional[torch.dtype] = None,
+    pool: Optional[BufferPool] = None,
+) -> Optional[dict]:
+    """Broadcast the full parameters over ``group`` (rank 0 only holds a group). Call on
+    every learner rank (ZeRO-3 gathers are collective); rank 0 returns stats."""
+    if rank != 0:
+        for _ in iter_packed_buckets(model, bucket_bytes, pack=False, dtype=dtype):
+            pass
+        return None
+    if group is None:
+        raise RuntimeError("weight_sync.broadcast_weights: learner rank 0 has no weight group; call init_weight_group first")
+    plans, _ = weight_plan(model, bucket_bytes, dtype)
+    t0 = time.perf_counter()
+    header = torch.frombuffer(bytearray(metas_to_bytes(plans)), dtype=torch.uint8)
+    size = torch.tensor([header.numel()], dtype=torch.int64, device=group.device)
+    group.broadcast(size)
+    group.broadcast(header.to(group.device))
+    nbytes = 0
+    wait_s = 0.0
+    pending = None
+    # Double buffering: bucket i+1 is gathered and packed while bucket i is on the
+    # wire (every bucket index has its own buffer, so nothing in flight is overwritten).
+    for bucket in iter_packed_buckets(model, bucket_bytes, pack=True, dtype=dtype, device=group.device, pool=pool):
+        if pending is not None:
+            t = time.perf_counter()
+            pending.wait()
+            wait_s += time.perf_counter() - t
+        pending = group.broadcast_async(bucket.flat)
+        nbytes += bucket.nbytes
+    if pending is not None:
+        t = time.perf_counter()
+        pending.wait()
+        wait_s += time.perf_counter() - t
+    total = time.perf_counter() - t0
+    return {"bytes": nbytes, "buckets": len(plans), "send_s": total, "wait_s": wait_s, "total_s": total}
+
+
+def iter_broadcast_buckets(group: WeightGroup, pool: Optional[BufferPool] = None) -> Iterator[Bucket]:
+    """Receiver side of :func:`broadcast_weights`: the header, then one buffer per
+    bucket. Within a sync every bucket has its own buffer, never a shared one: the
+    engine may keep views of a bucket until a layer's last weight arrives (vLLM's
+    layer-wise reload buffers them). ``pool`` reuses them from one sync to the next."""
+    size = torch.zeros(1, dtype=torch.int64, device=group.device)
+    group.broadcast(size)
+    header = torch.empty(int(size.item()), dtype=torch.uint8, device=group.device)
+    group.broadcast(header)
+    plans = metas_from_bytes(header.cpu().numpy().tobytes())
+
+    def post(i: int) -> tuple[torch.Tensor, Any]:
+        n = bucket_nbytes(plans[i])
+        flat = pool.get(i, n, group.device) if pool is not None else torch.empty(n, dtype=torch.uint8, device=group.device)
+        return flat, group.broadcast_async(flat)
+
+    # The receive of bucket i+1 is posted before bucket i is handed to the engine, so
+    # the next bucket arrives while the engine loads this one.
+    nxt = post(0) if plans else None
+    for i, plan in enumerate(plans):
+        flat, work = nxt
+        work.wait()
+        nxt = post(i + 1) if i + 1 < len(plans) else None
+        yield Bucket(flat, plan)
+
+
+def consume_buckets(buckets: Iterable[Bucket], load: Callable[[Iterator[tuple[str, torch.Tensor]]], Any]) -> int:
+    """Feed ``(name, view)`` pairs from ``buckets`` to ``load`` (which takes an
+    iterator), then drain whatever it left unread, so that a broadcast sender is never
+    left blocked on a receiver that stopped early or raised. Returns tensors loaded."""
+    it = iter(buckets)
+    count = 0
+
+    def counted() -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal count
+        for name, view in iter_unpacked(it):
+            count += 1
+            yield name, view
+
+    try:
+        load(counted())
+    finally:
+        for _ in it:  # drain: keep the collective in step even on error
+            pass
+    return count
+
+
+# --------------------------------------------------------------------------- learner mixin
+
+
+class WeightSenderMixin:
+    """Learner-side weight export for a Ray actor class. The class provides
+    :meth:`weight_sync_model` (the module whose parameters are the policy, e.g. a
+    DeepSpeed engine's ``.module``) and :meth:`weight_sync_rank` (its rank among the
+    learner ranks); optionally :meth:`weight_sync_dtype` (e.g. bf16 for a bf16 engine).
+    """
+
+    _wsync_store: Any = None
+    _wsync_group: Optional[WeightGroup] = None
+
+    def weight_sync_model(self) -> torch.nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def weight_sync_rank(self) -> int:
+        return 0
+
+    def weight_sync_dtype(self) -> Optional[torch.dtype]:
+        return None
+
+    def _weight_sync_pool(self) -> BufferPool:
+        pool = getattr(self, "_wsync_pool", None)
+        if pool is None:
+            pool = self._wsync_pool = BufferPool()
+        return pool
+
+    def export_weights_object_store(self, bucket_bytes: int) -> Optional[dict]:
+        return export_weights_object_store(
+            self.weight_sync_model(), bucket_bytes, rank=self.weight_sync_rank(), dtype=self.weight_sync_dtype(),
+            pool=self._weight_sync_pool(),
+        )
+
+    def weight_sync_endpoint(self, world_size: int, timeout_s: float = 600.0) -> tuple[str, int]:
+        """Rank 0: open the group's TCPStore on this node; returns ``(host, port)``."""
+        if self.weight_sync_rank() != 0:
+            raise RuntimeError("weight_sync_endpoint must be called on learner rank 0")
+        self.close_weight_group()
+        host = ray.util.get_node_ip_address()
+        self._wsync_store = WeightGroup.create_master_store(host, world_size, timeout_s)
+        return host, int(self._wsync_store.port)
+
+    def init_weight_group(self, host: str, port: int, world_size: int, backend: str = "gloo",
+                          timeout_s: float = 600.0, token: str = "") -> None:
+        """Rank 0: complete the group (blocks until every rollout rank joined)."""
+        if self._wsync_store is None:
+            raise RuntimeError("init_weight_group: call weight_sync_endpoint first (it opens the store)")
+        self._wsync_group = WeightGroup.join(host, port, 0, world_size, backend, timeout_s,
+                                             store=self._wsync_store, token=token)
+
+    def broadcast_weights(self, bucket_bytes: int) -> Optional[dict]:
+        return broadcast_weights(
+            self.weight_sync_model(), self._wsync_group, bucket_bytes,
+            rank=self.weight_sync_rank(), dtype=self.weight_sync_dtype(), pool=self._weight_sync_pool(),
+        )
+
+    def close_weight_group(self) -> None:
+        if self._wsync_group is not None:
+            self._wsync_group.close()
+        self._wsync_group = None
+        self._wsync_store = None
+
+
+# --------------------------------------------------------------------------- stand-in source
+
+
+@ray.remote
+class WeightSourceActor(WeightSenderMixin):
+    """A plain Hugging Face policy in an actor: a weight source with the learner's
+    sync interface, without DeepSpeed. Used by the weight-sync benchmark, and as a
+    second source next to the learner in the parity tests."""
+
+    def __init__(self, model_path: str, dtype: str = "float32"):
+        from twodrl.config import ModelConfig
+        from twodrl.models.loading import load_causal_lm
+
+        torch.set_num_threads(1)
+        self.model = load_causal_lm(ModelConfig(path=model_path, dtype=dtype))
+
+    def weight_sync_model(self) -> torch.nn.Module:
+        return self.model
+
+    def perturb(self, scale: float = 0.02, seed: int = 0) -> None:
+        """Add seeded Gaussian noise to every parameter (a stand-in for an update)."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def sequence_logprobs(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[list[float]]:
+        from actors.rollout import hf_sequence_logprobs
+
+        return hf_sequence_logprobs(self.model, prompt_token_ids, response_token_ids)
+
+    def copy_time(self, repeats: int = 3) -> float:
+        """Seconds for one in-memory copy of all parameters into preallocated buffers
+        (the floor a weight sync is compared with): the best of ``repeats``."""
+        params = [p.detach() for p in self.model.parameters()]
+        bufs = [torch.empty_like(p) for p in params]
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            for b, p in zip(bufs, params):
+                b.copy_(p)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    def put_each_tensor(self) -> list:
+        """One ``ray.put`` per parameter (the per-tensor baseline of the benchmark);
+        returned inside a list so callers get the refs, not the values."""
+        return [[n, ray.put(p.detach().numpy())] for n, p in self.model.named_parameters()]
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def _learner_handles(learner_group: Any) -> list:
+    """Rank-ordered learner actor handles from a list, or from a group object exposing
+    ``actors`` / ``ranks`` / ``handles``."""
+    if isinstance(learner_group, (list, tuple)):
+        return list(learner_group)
+    for attr in ("actors", "ranks", "handles"):
+        handles = getattr(learner_group, attr, None)
+        if handles:
+            return list(handles)
+    return [learner_group]
+
+
+@dataclass
+class _GroupState:
+    token: str
+    world_size: int
+    worker_tokens: list[str]
+
+
+_GROUPS: dict[tuple, _GroupState] = {}
+_VERSION = itertools.count(1)
+
+
+def _group_key(learners: list, workers: list) -> tuple:
+    return (learners[0]._actor_id.hex(),) + tuple(w._actor_id.hex() for w in workers)
+
+
+def _ensure_collective(learners: list, workers: list, backend: str, timeout_s: float) -> _GroupState:
+    """Build the learner-0 + rollout group once; rebuild it when a rollout worker was
+    restarted (its token no longer matches) or joined later."""
+    key = _group_key(learners, workers)
+    state = _GROUPS.get(key)
+    if state is not None:
+        current = ray.get([w.weight_group_token.remote() for w in workers])
+        if current == state.worker_tokens:
+            return state
+    ranks_per_worker = ray.get([w.weight_group_ranks.remote() for w in workers])
+    world_size = 1 + sum(ranks_per_worker)
+    token = uuid.uuid4().hex[:12]
+    host, port = ray.get(learners[0].weight_sync_endpoint.remote(world_size, timeout_s))
+    base = 1
+    calls = []
+    for w, n in zip(workers, ranks_per_worker):
+        calls.append(w.init_weight_group.remote(host, port, world_size, base, backend, timeout_s, token))
+        base += n
+    calls.append(learners[0].init_weight_group.remote(host, port, world_size, backend, timeout_s, token))
+    ray.get(calls, timeout=timeout_s)
+    state = _GroupState(token, world_size, [token] * len(workers))
+    _GROUPS[key] = state
+    return state
+
+
+def sync_weights(
+    learner_group: Any,
+    rollout_workers: Sequence[Any],
+    transport: str = "object_store",
+    bucket_mb: float = DEFAULT_BUCKET_MB,
+    version: Optional[int] = None,
+    backend: Optional[str] = None,
+    timeout_s: float = 600.0,
+) -> dict:
+    """Push the learner's current weights into every rollout worker, in place.
+
+    ``learner_group``: learner rank actors (rank 0 first) or an object with ``actors``;
+    each rank implements the :class:`WeightSenderMixin` methods. ``backend`` for the
+    collective transport defaults to NCCL when the cluster has GPUs, else gloo.
+    Workers are busy one call at a time, so a sync waits for a running ``generate``.
+    Returns timings: ``total_s``, ``send_s`` (sender pack+put / broadcast),
+    ``load_s`` (slowest receiver), ``bytes``, ``buckets``, ``version``.
+    """
+    learners = _learner_handles(learner_group)
+    workers = list(rollout_workers)
+    if not learners or not workers:
+        raise ValueError("sync_weights: need at least one learner rank and one rollout worker")
+    if bucket_mb <= 0:
+        raise ValueError(f"sync_weights: bucket_mb must be > 0 (rollout.weight_sync_bucket_mb), got {bucket_mb}")
+    bucket_bytes = int(bucket_mb * (1 << 20))
+    version = int(version) if version is not None else next(_VERSION)
+    t0 = time.perf_counter()
+    if transport == "object_store":
+        results = ray.get([r.export_weights_object_store.remote(bucket_bytes) for r in learners], timeout=timeout_s)
+        export = results[0]
+        if export is None:
+            raise RuntimeError("sync_weights: learner rank 0 returned no buckets")
+        t_send = time.perf_counter()
+        loads = ray.get(
+            [w.update_weights_from_buckets.remote({"refs": export["refs"]}, version) for w in workers],
+            timeout=timeout_s,
+        )
+        stats = {"bytes": export["bytes"], "buckets": len(export["refs"])}
+        # Drop the driver's refs: the buckets leave the object store once the
+        # receivers are done with them.
+        del export, results
+        send_s = t_send - t0
+    elif transport == "collective":
+        if backend is None:
+            # The driver itself may sit on a CPU head node: decide by the cluster.
+            backend = "nccl" if ray.cluster_resources().get("GPU", 0) > 0 else "gloo"
+        _ensure_collective(learners, workers, backend, timeout_s)
+        t_setup = time.perf_counter()
+        sends = [r.broadcast_weights.remote(bucket_bytes) for r in learners]
+        recvs = [w.receive_weights_broadcast.remote(version) for w in workers]
+        out = ray.get(sends + recvs, timeout=timeout_s)
+        sent = out[0]
+        loads = out[len(sends):]
+        send_s = sent["send_s"]
+        stats = {"bytes": sent["bytes"], "buckets": sent["buckets"], "setup_s": t_setup - t0}
+    else:
+        raise ValueError(f"sync_weights: transport must be 'object_store' or 'collective', got {transport!r}")
+    total = time.perf_counter() - t0
+    return {
+        "transport": transport,
+        "version": version,
+        "total_s": total,
+        "send_s": send_s,
+        "load_s": max(l["load_s"] for l in loads),
+        "tensors": loads[0]["tensors"],
+        **stats,
+    }
+
+
+__all__ = [
+    "BufferPool", "DEFAULT_BUCKET_MB", "WeightGroup", "WeightSenderMixin", "WeightSourceActor", "broadcast_weights",
+    "consume_buckets", "export_weights_object_store", "hf_param_name", "iter_broadcast_buckets",
+    "iter_object_store_buckets", "iter_packed_buckets", "named_full_parameters", "sync_weights", "weight_plan",
+]
