@@ -146,6 +146,7 @@ class OnlineDriver:
         self.planned_prompts = 0
         self.completed_prompts = 0
         self.resynced_samples = 0  # prompts re-sampled after a rollout worker restarted
+        self._unlogged_row: dict | None = None  # see _restore
         self._pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="twodrl-stage")
         self._stop_judge: Callable[[], None] | None = None
         self._directions: dict[str, list[float]] = {}  # DPA: prompt id -> direction v
@@ -181,7 +182,7 @@ class OnlineDriver:
             sinks=sinks,
             resume=self.resume,
         )
-        if getattr(self, "_unlogged_row", None):
+        if self._unlogged_row:
             self._log(self._unlogged_row)
             self._unlogged_row = None
 
@@ -200,8 +201,12 @@ class OnlineDriver:
         from actors.learner import PolicyLearnerGroup
         from actors.rollout import create_rollout_workers
         from actors.scorer import create_scorers
+        from actors.common import validate_placement
 
         cfg = self.cfg
+        # Every role at once, before the first actor starts: a config that cannot be
+        # placed stops here with the config field to change (PlacementError).
+        validate_placement(cfg)
         self.rollout_workers = create_rollout_workers(cfg, self.namespace)
         self.scorers = create_scorers(cfg, self.namespace)
         self.annotators = create_annotators(cfg, self.namespace, base_url=self.judge_url, run_dir=self.run_dir)
