@@ -263,9 +263,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, dotted: str, where: str) -> Any:
+def _coerce(value: Any, tp: Any, dotted: str, where: str, base: Any = None) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it, converted where
-    the conversion is lossless (int → float)."""
+    the conversion is lossless (int → float). ``base`` is the default a nested section
+    starts from (so ``scorer.model.max_length`` alone keeps the scorer's model path)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -278,7 +279,7 @@ def _coerce(value: Any, tp: Any, dotted: str, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, dotted, where)
+                return _coerce(value, arg, dotted, where, base)
             except ConfigError as e:
                 errors.append(e)
         raise errors[0]
@@ -290,7 +291,8 @@ def _coerce(value: Any, tp: Any, dotted: str, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {dotted}: expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, dotted, where_source=where.rsplit(":", 1)[0] if ":" in where else where)
+        return _build(tp, value, dotted, where_source=where.rsplit(":", 1)[0] if ":" in where else where,
+                      base=base if isinstance(base, tp) else None)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {dotted}: expected a list, got {type(value).__name__} {value!r}")
@@ -320,7 +322,8 @@ def _coerce(value: Any, tp: Any, dotted: str, where: str) -> Any:
     raise ConfigError(f"{where}: {dotted}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
-def _build(cls: type, data: dict, prefix: str, where_source: str) -> Any:
+def _build(cls: type, data: dict, prefix: str, where_source: str, base: Any = None) -> Any:
+    base = base if base is not None else cls()
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     lines = getattr(data, "lines", {})
@@ -334,8 +337,8 @@ def _build(cls: type, data: dict, prefix: str, where_source: str) -> Any:
             close = difflib.get_close_matches(str(key), sorted(names), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{where}: unknown key {dotted!r}{hint}")
-        kwargs[key] = _coerce(value, hints[key], dotted, where)
-    return cls(**kwargs)
+        kwargs[key] = _coerce(value, hints[key], dotted, where, getattr(base, key))
+    return dataclasses.replace(base, **kwargs)
 
 
 def _parse_scalar(text: str) -> Any:

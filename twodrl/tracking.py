@@ -142,15 +142,15 @@ class MetricsLogger:
 
 def plot_rewards(metrics_path: str | Path, out_png: str | Path, aspects: Sequence[str]) -> Path:
     """Per-aspect reward curves over rounds (on-policy samples and held-out eval)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no global backend switch (matplotlib.use("Agg") here
+    # would silence the inline plots of a notebook that runs rounds) and no GUI needed.
+    from matplotlib.figure import Figure
 
     rows = read_metrics(metrics_path)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2, sharey=True)
     for ax, prefix, title in ((axes[0], "reward", "on-policy samples"), (axes[1], "eval/reward", "held-out prompts (greedy)")):
         rounds = [r["round"] for r in rows]
         for name in ["weighted", *aspects]:
@@ -165,5 +165,4 @@ def plot_rewards(metrics_path: str | Path, out_png: str | Path, aspects: Sequenc
     axes[1].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
