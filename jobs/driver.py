@@ -219,6 +219,8 @@ class OnlineDriver:
         self.planned_prompts = state.get("planned_prompts", 0)
         self.completed_prompts = state.get("completed_prompts", 0)
         self.weights_version = state.get("weights_version", 0)
+        self._resume_requests = state.get("pending_requests")
+        self._directions.update(state.get("pending_directions") or {})
         if (self.run_dir / "warmstart").is_dir():
             # The reference is the warm-started policy: load it, freeze it, then
             # continue from the last round.
@@ -494,9 +496,11 @@ class OnlineDriver:
         metrics.update({"rollout/prompts": len(groups), "rollout/samples": len(samples), "rollout/staleness": staleness})
 
         next_pending = None
+        self._next_requests = None
         if cfg.scheduling == "overlap" and round_idx + 1 < self.total_rounds:
             # Round k+1 samples with the current weights while round k trains.
             next_requests = self._plan_prompts(round_idx + 1)
+            self._next_requests = next_requests  # checkpointed: a resume re-issues them
             next_pending = self._pool.submit(self.rollout, next_requests, cfg.rollout.samples_per_prompt)
         metrics["rollout/prompts_planned"] = cfg.rollout.prompts_per_round
 
@@ -596,8 +600,9 @@ class OnlineDriver:
                 f.write(json.dumps({"prompt": s.prompt, "text": s.text, "segments": s.segments, "scores": s.scores}) + "\n")
 
     def _log(self, metrics: dict) -> dict:
-        """Log first, then the checkpoint marks the round complete: on resume, metric
-        lines newer than the last checkpoint are dropped, so each round appears once."""
+        """Called after the round's checkpoint, which also holds the round's metrics: on
+        resume, lines newer than the last checkpoint are dropped and a checkpointed
+        round without its line is logged from that copy, so each round appears once."""
         assert self.logger is not None
         row = self.logger.log(metrics)
         self._print_round(row)
@@ -617,6 +622,11 @@ class OnlineDriver:
                     "planned_prompts": self.planned_prompts,
                     "completed_prompts": self.completed_prompts,
                     "weights_version": self.weights_version,
+                    # Overlap scheduling: next round's prompts are already drawn (the
+                    # cursor includes them); a resumed run samples exactly these.
+                    "pending_requests": getattr(self, "_next_requests", None),
+                    "pending_directions": {r["id"]: self._directions[r["id"]]
+                                           for r in (getattr(self, "_next_requests", None) or []) if r["id"] in self._directions},
                     # The round's metrics so far: a crash after this rename but before
                     # the metrics line is written must not lose the round's line.
                     "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str, type(None)))},
@@ -642,6 +652,9 @@ class OnlineDriver:
     def run(self) -> list[dict]:
         rows = []
         self._pending = None
+        resume_requests = getattr(self, "_resume_requests", None)
+        if resume_requests and self.next_round < self.total_rounds:
+            self._pending = self._pool.submit(self.rollout, resume_requests, self.cfg.rollout.samples_per_prompt)
         bar = tqdm(range(self.next_round, self.total_rounds), desc="rounds", disable=not self.progress)
         for r in bar:
             rows.append(self.run_round(r, pending=self._pending))
