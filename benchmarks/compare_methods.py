@@ -1,0 +1,588 @@
+"""The methods side by side on the synthetic task (issue 8, items 1 and 2).
+
+    python -m benchmarks.compare_methods [--json PATH] [--seeds 0 1 2] [--rounds 3]
+        [--experiments methods,controllable,dpa-directions,beta] [--set k=v ...]
+
+Per seed, round 0 (SFT warm start of the policy + the first 2D reward model trained on
+judge annotations) runs once; every experiment then starts from that round-0 state in the
+same process, with the same actors: the learner reloads the round-0 DeepSpeed
+checkpoint (weights, optimizer, scheduler), the rollout workers get its weights, the
+prompt cursor and the RNGs are put back. So all methods of a seed see the same warm
+start, reward model, prompts and rounds, and pay the start-up only once.
+
+Experiments
+- ``methods``: DPO, IPO, SimPO, TDPO (tdpo2), 1D-DPO, 2D-DPO, APPO, DPA-RSF.
+- ``beta``: 2D-DPO with β ∈ {0.1, 0.2, 0.5, 0.7, 1.0} (β = the config's value is the
+  ``methods`` run and is not repeated).
+- ``controllable``: 2D-DPO with clarity-heavy [0.3,0.3,0.1,0.1,0.2] vs completeness-heavy
+  [0.3,0.3,0.1,0.2,0.1] aspect weights (pair selection and the loss both use them).
+- ``dpa-directions``: the round-0 policy and the DPA-RSF policy answer the eval prompts
+  under fixed preference directions; judge-rated helpfulness and verbosity per direction.
+
+The reference model of every preference method is the warm-started (round-0) policy,
+as in the papers (π_ref = π_SFT), set on the learner ranks after round 0.
+
+Evaluation is the driver's own: greedy answers to held-out prompts rated by the judge
+(the task's ground truth). Results are cached per (experiment, seed) in the JSON file,
+written after every experiment, so an interrupted comparison resumes where it stopped.
+Aggregation (mean, sample standard deviation over seeds) and the Markdown tables are
+pure functions of that JSON (:func:`aggregate`, :func:`markdown_table`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+for _k, _v in {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "DS_ACCELERATOR": "cpu",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+ASPECTS = ["helpfulness", "correctness", "safety", "completeness", "clarity"]
+DEFAULT_WEIGHTS = [0.3, 0.4, 0.1, 0.1, 0.1]  # configs/quickstart.yaml
+# Display name → config algorithm. TDPO is the paper's TDPO2 variant.
+METHODS = {
+    "DPO": "dpo",
+    "IPO": "ipo",
+    "SimPO": "simpo",
+    "TDPO": "tdpo2",
+    "1D-DPO": "1d-dpo",
+    "2D-DPO": "2d-dpo",
+    "APPO": "appo",
+    "DPA-RSF": "dpa-rsf",
+}
+BETAS = [0.1, 0.2, 0.5, 0.7, 1.0]
+CONTROL_WEIGHTS = {
+    "clarity-heavy": [0.3, 0.3, 0.1, 0.1, 0.2],
+    "completeness-heavy": [0.3, 0.3, 0.1, 0.2, 0.1],
+}
+# Directions (helpfulness, verbosity) at these angles: the DPA training range is
+# [-π/4, 0]; +π/8 lies outside it (asks for *more* verbosity).
+DIRECTION_ANGLES = [-math.pi / 4, -math.pi / 8, 0.0, math.pi / 8]
+EXPERIMENTS = ("methods", "controllable", "dpa-directions", "beta")
+
+# Per-round values kept from the driver's metrics rows.
+ROW_KEYS = (
+    ["round", "eval/reward/weighted", "eval/mean_segments", "reward/weighted", "train/loss",
+     "train/rewards/accuracies", "time/round_s"]
+    + [f"eval/reward/{a}" for a in ASPECTS]
+    + [f"reward/{a}" for a in ASPECTS]
+    + [f"rm/agreement/{a}" for a in ASPECTS]
+)
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+def weighted_score(per_aspect: dict[str, float], weights: Sequence[float] = DEFAULT_WEIGHTS,
+                   aspects: Sequence[str] = ASPECTS) -> float:
+    """Σ_a w_a · score_a. Equal to the driver's weighted eval reward when every sample is
+    rated on every aspect (the mean is linear); used to compare runs that trained with
+    other weights on one common scale."""
+    return float(sum(w * per_aspect[a] for w, a in zip(weights, aspects)))
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for a single value) and count, ignoring
+    missing (None / NaN) values; (nan, nan, 0) when nothing is left."""
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return math.nan, math.nan, 0
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
+
+
+def final_metrics(rows: Sequence[dict], weights: Sequence[float] = DEFAULT_WEIGHTS) -> dict[str, float]:
+    """The last round's eval figures of one run, plus the weighted score under
+    ``weights`` recomputed from its per-aspect means."""
+    last = rows[-1]
+    out = {a: last[f"eval/reward/{a}"] for a in ASPECTS}
+    out["weighted"] = weighted_score(out, weights)
+    out["segments"] = last.get("eval/mean_segments")
+    return out
+
+
+def aggregate(runs: dict[str, dict], experiment: str, names: Sequence[str],
+              seeds: Optional[set[str]] = None) -> dict[str, dict]:
+    """``{name: {metric: (mean, std, n)}}`` over seeds (all, or only ``seeds``) for the
+    runs stored under ``runs[f"{experiment}/{name}/seed={s}"]``; names with no finished
+    run are absent."""
+    out: dict[str, dict] = {}
+    for name in names:
+        prefix = f"{experiment}/{name}/seed="
+        finals = [final_metrics(run["rows"]) for key, run in sorted(runs.items())
+                  if key.startswith(prefix) and run.get("rows")
+                  and (seeds is None or key.rsplit("=", 1)[1] in seeds)]
+        if not finals:
+            continue
+        out[name] = {m: mean_std(f[m] for f in finals) for m in finals[0]}
+    return out
+
+
+def paired(runs: dict[str, dict], base: dict[str, dict], experiment: str, names: Sequence[str]) -> dict[str, dict]:
+    """Within-seed comparisons, which remove what a seed shifts for every method (its
+    warm start, its reward model): per name, the gain of the last-round weighted score
+    over the seed's round 0, and the rank among ``names`` (1 = best; ties share the
+    mean rank) — each as (mean, std, n) over the seeds where every name finished."""
+    seeds = sorted({k.rsplit("=", 1)[1] for k in runs if k.startswith(f"{experiment}/")})
+    gains: dict[str, list[float]] = {n: [] for n in names}
+    ranks: dict[str, list[float]] = {n: [] for n in names}
+    for seed in seeds:
+        finals = {}
+        for n in names:
+            run = runs.get(f"{experiment}/{n}/seed={seed}")
+            if run and run.get("rows"):
+                finals[n] = final_metrics(run["rows"])["weighted"]
+        if len(finals) != len(names):
+            continue  # a seed with missing methods would bias the ranks
+        r0 = base.get(seed, {}).get("row")
+        ordered = sorted(finals.values(), reverse=True)
+        for n, v in finals.items():
+            if r0:
+                gains[n].append(v - final_metrics([r0])["weighted"])
+            positions = [i + 1 for i, x in enumerate(ordered) if x == v]
+            ranks[n].append(statistics.fmean(positions))
+    return {n: {"gain": mean_std(gains[n]), "rank": mean_std(ranks[n])} for n in names if ranks[n]}
+
+
+def curves(runs: dict[str, dict], experiment: str, name: str, base: dict[str, dict],
+           relative: bool = False) -> tuple[list[int], list[tuple]]:
+    """Weighted eval score per round (round 0 = the shared warm start of each seed):
+    rounds and (mean, std, n) per round over seeds; ``relative``: minus the seed's
+    round-0 score (the within-seed gain)."""
+    prefix = f"{experiment}/{name}/seed="
+    per_seed = []
+    for key, run in sorted(runs.items()):
+        if not key.startswith(prefix) or not run.get("rows"):
+            continue
+        seed = key.rsplit("=", 1)[1]
+        r0 = base.get(seed, {}).get("row")
+        rows = ([r0] if r0 else []) + run["rows"]
+        scores = {r["round"]: weighted_score({a: r[f"eval/reward/{a}"] for a in ASPECTS}) for r in rows}
+        if relative:
+            if 0 not in scores:
+                continue
+            scores = {k: v - scores[0] for k, v in scores.items()}
+        per_seed.append(scores)
+    rounds = sorted({r for s in per_seed for r in s})
+    return rounds, [mean_std(s.get(r) for s in per_seed) for r in rounds]
+
+
+def fmt(ms: tuple[float, float, int], digits: int = 2) -> str:
+    """``mean ± std`` (``mean`` alone for one seed, ``–`` when missing)."""
+    mean, std, n = ms
+    if n == 0:
+        return "–"
+    return f"{mean:.{digits}f}" if n == 1 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub Markdown table; the first column is left-aligned, the rest right-aligned."""
+    align = [":--"] + ["--:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def results_tables(data: dict) -> str:
+    """All Markdown tables of a comparison JSON."""
+    runs, base = data.get("runs", {}), data.get("base", {})
+    parts = []
+    cols = ["weighted", *ASPECTS, "segments"]
+    header = ["method", "n seeds", "weighted", *ASPECTS, "segments"]
+    b = {m: mean_std(final_metrics([s["row"]])[m] for s in base.values()) for m in cols} if base else {}
+    rows = []
+    if b:
+        rows.append(["round 0 (SFT warm start)", str(b["weighted"][2]), *[fmt(b[c]) for c in cols]])
+    agg = aggregate(runs, "methods", list(METHODS))
+    rows += [[name, str(v["weighted"][2]), *[fmt(v[c]) for c in cols]] for name, v in agg.items()]
+    parts.append("Methods (held-out eval, last round; weighted with the default weights):\n\n"
+                 + markdown_table(header, rows))
+    pair = paired(runs, base, "methods", list(METHODS))
+    if pair:
+        n = next(iter(pair.values()))["rank"][2]
+        rows = [[name, fmt(v["gain"]), fmt(v["rank"], 1)] for name, v in pair.items()]
+        parts.append(f"Methods within each seed ({n} seeds with every method): gain of the weighted score "
+                     "over the seed's round 0, and rank among the methods (1 = best):\n\n"
+                     + markdown_table(["method", "Δ weighted vs round 0", "rank"], rows))
+    agg = aggregate(runs, "beta", [f"{x:g}" for x in BETAS])
+    beta0 = data.get("config", {}).get("beta")
+    # The β = beta0 point is the methods run, restricted to the seeds the sweep ran.
+    sweep_seeds = {k.rsplit("=", 1)[1] for k in runs if k.startswith("beta/")}
+    two_d = aggregate(runs, "methods", ["2D-DPO"], seeds=sweep_seeds).get("2D-DPO")
+    if agg and beta0 is not None and two_d is not None:
+        agg[f"{beta0:g} (the methods run)"] = two_d  # the methods run is the sweep's β = beta0 point
+        agg = dict(sorted(agg.items(), key=lambda kv: float(kv[0].split()[0])))
+    if agg:
+        rows = [[f"β = {k}", str(v["weighted"][2]), *[fmt(v[c]) for c in cols]] for k, v in agg.items()]
+        parts.append("2D-DPO β sweep:\n\n" + markdown_table(["β", "n seeds", "weighted", *ASPECTS, "segments"], rows))
+    agg = aggregate(runs, "controllable", list(CONTROL_WEIGHTS))
+    if agg:
+        rows = [[f"{k} {CONTROL_WEIGHTS[k]}", str(v["weighted"][2]), *[fmt(v[c]) for c in cols]] for k, v in agg.items()]
+        parts.append("Controllable 2D-DPO (aspect weights used for pair selection and the loss):\n\n"
+                     + markdown_table(["weights", "n seeds", "weighted (default w)", *ASPECTS, "segments"], rows))
+    # How far the reward model that picks the pairs agrees with the judge that grades
+    # them: per run, the mean over its rounds of the per-segment exact-label agreement.
+    per_run = [run["rows"] for run in runs.values() if run.get("rows") and "rm/agreement/clarity" in run["rows"][0]]
+    if per_run:
+        cells = [fmt(mean_std(statistics.fmean(r[f"rm/agreement/{a}"] for r in rows) for rows in per_run))
+                 for a in ASPECTS]
+        parts.append("Reward model vs judge, share of audited segments with the same 0–4 label "
+                     f"(mean ± std over {len(per_run)} runs):\n\n" + markdown_table(list(ASPECTS), [cells]))
+    dirs = data.get("directions", {})
+    if dirs:
+        rows = []
+        for policy in ("round0", "dpa-rsf"):
+            for angle in DIRECTION_ANGLES:
+                key = f"{angle:+.4f}"
+                vals = [d[policy][key] for d in dirs.values() if policy in d and key in d[policy]]
+                if not vals:
+                    continue
+                rows.append([policy, f"{math.degrees(angle):+.1f}°", str(len(vals)),
+                             fmt(mean_std(v["helpfulness"] for v in vals)),
+                             fmt(mean_std(v["verbosity"] for v in vals)),
+                             fmt(mean_std(v["segments"] for v in vals))])
+        parts.append("DPA directions v = (cos θ, sin θ) over (helpfulness, verbosity):\n\n"
+                     + markdown_table(["policy", "θ", "n seeds", "helpfulness", "verbosity", "segments"], rows))
+    return "\n\n".join(parts)
+
+
+def plot(data: dict, out_png: str | Path) -> Path:
+    """Four panels: weighted eval score per round per method (mean ± std over seeds);
+    the 2D-DPO β sweep; per-aspect scores and length of the two controllable weight
+    settings; helpfulness vs verbosity of the DPA directions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs, base = data.get("runs", {}), data.get("base", {})
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    ax = axes[0, 0]
+    for j, name in enumerate(METHODS):
+        rounds, stats = curves(runs, "methods", name, base, relative=True)
+        if not rounds:
+            continue
+        m = [s[0] for s in stats]
+        line, = ax.plot(rounds, m, marker="o", label=name, linewidth=2.4 if name == "2D-DPO" else 1.2)
+        last = stats[-1]
+        if last[2] > 1:  # spread at the last round only, offset so the bars stay readable
+            ax.errorbar(rounds[-1] + 0.04 * (j - len(METHODS) / 2), last[0], yerr=last[1], color=line.get_color(),
+                        capsize=2, linewidth=0.8)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_title("held-out weighted reward (judge): gain over the seed's round 0\nmean over seeds, ± std at the last round",
+                 fontsize=10)
+    ax.set_xlabel("round (0 = SFT warm start)")
+    ax.set_ylabel("Δ weighted rating")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+    ax = axes[0, 1]
+    pts = dict(aggregate(runs, "beta", [f"{x:g}" for x in BETAS]))
+    sweep_seeds = {k.rsplit("=", 1)[1] for k in runs if k.startswith("beta/")}
+    two_d = aggregate(runs, "methods", ["2D-DPO"], seeds=sweep_seeds).get("2D-DPO")
+    beta0 = data.get("config", {}).get("beta")
+    if two_d is not None and beta0 is not None:
+        pts[f"{beta0:g}"] = two_d
+    if pts:
+        xs = sorted(pts, key=float)
+        ax.errorbar([float(x) for x in xs], [pts[x]["weighted"][0] for x in xs],
+                    yerr=[pts[x]["weighted"][1] if pts[x]["weighted"][2] > 1 else 0 for x in xs], marker="o", capsize=3)
+        ax.set_xscale("log")
+        ax.set_xticks([float(x) for x in xs], xs)
+    ax.set_title("2D-DPO β sweep (last round)", fontsize=10)
+    ax.set_xlabel("β")
+    ax.set_ylabel("weighted rating (0–4)")
+    ax.grid(alpha=0.3)
+
+    ax = axes[1, 0]
+    ctrl = aggregate(runs, "controllable", list(CONTROL_WEIGHTS))
+    width = 0.8 / max(1, len(ctrl))
+    for j, (name, v) in enumerate(ctrl.items()):
+        xs = [i + j * width for i in range(len(ASPECTS) + 1)]
+        ys = [v[a][0] for a in ASPECTS] + [v["segments"][0]]
+        err = [v[a][1] if v[a][2] > 1 else 0 for a in ASPECTS] + [v["segments"][1] if v["segments"][2] > 1 else 0]
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(ASPECTS) + 1)], [*ASPECTS, "segments"], fontsize=8)
+    ax.set_title("2D-DPO with clarity- vs completeness-heavy weights (last round)", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    if ctrl:
+        ax.legend(fontsize=8)
+
+    ax = axes[1, 1]
+    dirs = data.get("directions", {})
+    for policy, marker in (("round0", "s"), ("dpa-rsf", "o")):
+        hx, vy, labels = [], [], []
+        for angle in DIRECTION_ANGLES:
+            key = f"{angle:+.4f}"
+            vals = [d[policy][key] for d in dirs.values() if policy in d and key in d[policy]]
+            if vals:
+                hx.append(statistics.fmean(v["verbosity"] for v in vals))
+                vy.append(statistics.fmean(v["helpfulness"] for v in vals))
+                labels.append(f"{math.degrees(angle):+.0f}°")
+        if hx:
+            ax.plot(hx, vy, marker=marker, label="round-0 policy" if policy == "round0" else "DPA-RSF policy")
+            for x, y, t in zip(hx, vy, labels):
+                ax.annotate(t, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_title("DPA: direction θ in the system prompt (eval prompts)", fontsize=10)
+    ax.set_xlabel("verbosity (0–4)")
+    ax.set_ylabel("helpfulness (0–4)")
+    ax.grid(alpha=0.3)
+    if dirs:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _keep(row: dict) -> dict:
+    return {k: row.get(k) for k in ROW_KEYS}
+
+
+def _set_on_ranks(learner, **attrs) -> None:
+    """Set the learner ranks' copies of per-run settings (β, aspect weights) in place:
+    the ranks read ``self.lc`` and ``self.weights`` at every step."""
+    import ray
+
+    def apply(rank, beta=None, weights=None):
+        if beta is not None:
+            rank.lc.beta = float(beta)
+        if weights is not None:
+            rank.weights = list(weights)
+            rank.cfg.aspects.weights = list(weights)
+        return True
+
+    ray.get([r.__ray_call__.remote(apply, **attrs) for r in learner.ranks])
+
+
+def _reference_from_policy(learner) -> bool:
+    """π_ref ← the current policy (the SFT warm start) on every rank: a fresh copy of
+    the model with the engine's weights, frozen. Skipped under ZeRO-3 (partitioned)."""
+    import ray
+
+    def apply(rank):
+        if rank.ref_model is None or rank.lc.zero_stage == 3:
+            return False
+        ref = rank._load_reference(partitioned=False)
+        ref.load_state_dict(rank.engine.module.state_dict())
+        rank.ref_model = ref
+        return True
+
+    return all(ray.get([r.__ray_call__.remote(apply) for r in learner.ranks]))
+
+
+class Comparison:
+    """One seed: a driver with its actors, the round-0 state, and experiments run from it."""
+
+    def __init__(self, args, seed: int):
+        from twodrl.config import load_config
+
+        self.args = args
+        self.seed = seed
+        overrides = [
+            f"seed={seed}", f"rounds={args.rounds}", "scheduling=sync", f"run_name=compare-s{seed}",
+            "logging.wandb=false", "logging.plots=false", "logging.progress=false", "logging.keep_checkpoints=1",
+            f"eval.num_prompts={args.eval_prompts}", *args.overrides,
+        ]
+        self.cfg = load_config(args.config, overrides)
+        self.base_dir = Path(args.out_dir) / f"seed{seed}"
+        self.driver = None
+
+    def start(self) -> dict:
+        from jobs.driver import OnlineDriver
+        from twodrl.checkpoint import read_driver_state, round_dir
+
+        t0 = time.perf_counter()
+        self.driver = d = OnlineDriver(self.cfg, self.base_dir / "round0", progress=False)
+        d.setup()
+        row = d.run_round(0)
+        self.ckpt = round_dir(d.run_dir, 0)
+        self.state0 = read_driver_state(self.ckpt, restore=False)
+        self.ref_is_sft = _reference_from_policy(d.learner)
+        self.beta0 = self.cfg.learner.beta
+        return {"row": _keep(row), "seconds": time.perf_counter() - t0, "reference": "sft" if self.ref_is_sft else "init"}
+
+    def reset(self, name: str, algorithm: str, beta: float, weights: Sequence[float]) -> None:
+        """Put learner, rollout workers, cursor and RNGs back to the round-0 state."""
+        import random
+
+        from twodrl.checkpoint import read_driver_state
+        from twodrl.rounds import PromptCursor
+        from twodrl.tracking import MetricsLogger
+
+        d = self.driver
+        d.cfg.algorithm = algorithm
+        d.cfg.learner.beta = beta
+        d.cfg.aspects.weights = list(weights)
+        d.weights = list(weights)
+        _set_on_ranks(d.learner, beta=beta, weights=weights)
+        d.learner.load_checkpoint(str(self.ckpt / "learner"))
+        state = read_driver_state(self.ckpt, restore=True)  # python/torch RNGs back too
+        d.cursor = PromptCursor.from_state(state["cursor"])
+        d.planned_prompts = state.get("planned_prompts", 0)
+        d.completed_prompts = state.get("completed_prompts", 0)
+        d._directions = {}
+        d._replay_rng = random.Random(self.seed + 1)
+        d._pending = None
+        d._sync_weights()
+        if d.logger is not None:
+            d.logger.finish()
+        d.run_dir = self.base_dir / name.replace("/", "_")
+        if (d.run_dir / "metrics.jsonl").exists():
+            (d.run_dir / "metrics.jsonl").unlink()
+        d.logger = MetricsLogger(d.run_dir, d.aspects, use_wandb=False)
+
+    def run(self, name: str, algorithm: str, beta: float | None = None, weights: Sequence[float] | None = None) -> dict:
+        beta = self.beta0 if beta is None else beta
+        weights = list(DEFAULT_WEIGHTS if weights is None else weights)
+        t0 = time.perf_counter()
+        self.reset(name, algorithm, beta, weights)
+        # Sanity check of the reset: greedy eval of the restored policy must reproduce
+        # the round-0 eval (same weights, same prompts, greedy decoding).
+        reset_eval = self.driver.evaluate()["eval/reward/weighted"]
+        rows = [_keep(self.driver.run_round(r)) for r in range(1, self.args.rounds + 1)]
+        return {"algorithm": algorithm, "beta": beta, "weights": weights, "rows": rows, "reset_eval_weighted": reset_eval,
+                "seconds": time.perf_counter() - t0}
+
+    def directions(self, angles: Sequence[float]) -> dict[str, dict]:
+        """Greedy eval answers under fixed DPA directions, judge-rated, with the
+        policy the rollout workers currently hold."""
+        from twodrl.dpa import direction_system_prompt
+        from twodrl.rounds import objective_values
+
+        d = self.driver
+        objectives = list(d.cfg.dpa.objectives)
+        out = {}
+        for angle in angles:
+            v = [math.cos(angle), math.sin(angle)]
+            system = direction_system_prompt(v, objectives)
+            reqs = [{"id": f"dir{angle:+.3f}-{i}", "prompt": p.text, "system": system} for i, p in enumerate(d.eval_prompts)]
+            groups, _ = d.rollout(reqs, n=1, greedy=True)
+            samples = [g[0] for g in groups]
+            judged, _ = d.annotate(samples)
+            vals, segs = [], []
+            for s, j in zip(samples, judged):
+                if j is None:
+                    continue
+                s.segments, s.scores = j
+                vals.append(objective_values(s, objectives, d.aspects))
+                segs.append(len(s.segments))
+            out[f"{angle:+.4f}"] = {
+                objectives[k]: statistics.fmean(v[k] for v in vals) if vals else math.nan for k in range(len(objectives))
+            } | {"segments": statistics.fmean(segs) if segs else math.nan, "n": len(vals)}
+        return out
+
+    def stop(self) -> None:
+        import ray
+
+        if self.driver is not None:
+            self.driver.shutdown()
+        ray.shutdown()
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"runs": {}, "base": {}, "directions": {}}
+
+
+def _save(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def plan(experiments: Sequence[str], methods: Sequence[str], beta0: float) -> list[tuple[str, dict]]:
+    """The (key, run kwargs) of every experiment run of one seed, in order."""
+    out = []
+    for exp in experiments:
+        if exp == "methods":
+            out += [(f"methods/{m}", {"algorithm": METHODS[m]}) for m in methods]
+        elif exp == "beta":
+            out += [(f"beta/{b:g}", {"algorithm": "2d-dpo", "beta": b}) for b in BETAS if not math.isclose(b, beta0)]
+        elif exp == "controllable":
+            out += [(f"controllable/{k}", {"algorithm": "2d-dpo", "weights": w}) for k, w in CONTROL_WEIGHTS.items()]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default="docs/figures/compare_methods.json", help="results (and resume cache)")
+    ap.add_argument("--config", default="configs/quickstart.yaml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--rounds", type=int, default=3, help="online rounds after round 0")
+    ap.add_argument("--eval-prompts", type=int, default=16)
+    ap.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"comma list of {EXPERIMENTS}")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--out-dir", default="runs/compare_methods", help="run directories (metrics, checkpoints)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--plot", default="docs/figures/compare_methods.png")
+    ap.add_argument("--report-only", action="store_true", help="print the tables and plot from the JSON; run nothing")
+    args = ap.parse_args(argv)
+    experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
+    bad = [e for e in experiments if e not in EXPERIMENTS]
+    if bad:
+        ap.error(f"--experiments: unknown {bad}; choose from {list(EXPERIMENTS)}")
+    path = Path(args.json)
+    data = _load(path)
+
+    if not args.report_only:
+        for seed in args.seeds:
+            cmp = Comparison(args, seed)
+            data.setdefault("config", {}).update({"file": args.config, "overrides": args.overrides, "rounds": args.rounds,
+                                                  "eval_prompts": args.eval_prompts, "beta": cmp.cfg.learner.beta})
+            todo = [(k, kw) for k, kw in plan(experiments, args.methods, cmp.cfg.learner.beta)
+                    if f"{k}/seed={seed}" not in data["runs"]]
+            want_dirs = "dpa-directions" in experiments and not {"round0", "dpa-rsf"} <= set(data["directions"].get(str(seed), {}))
+            if not todo and not want_dirs:
+                continue
+            try:
+                data["base"][str(seed)] = cmp.start()
+                _save(path, data)
+                if want_dirs:
+                    data["directions"].setdefault(str(seed), {})["round0"] = cmp.directions(DIRECTION_ANGLES)
+                    _save(path, data)
+                for key, kw in todo:
+                    print(f"[compare] seed {seed}: {key}", flush=True)
+                    data["runs"][f"{key}/seed={seed}"] = cmp.run(key, **kw)
+                    _save(path, data)
+                    if want_dirs and key == "methods/DPA-RSF":
+                        # The DPA-RSF policy is the one loaded right now.
+                        data["directions"][str(seed)]["dpa-rsf"] = cmp.directions(DIRECTION_ANGLES)
+                        _save(path, data)
+                if want_dirs and "dpa-rsf" not in data["directions"][str(seed)]:
+                    cmp.run("methods/DPA-RSF", "dpa-rsf")  # cached earlier: train it again to evaluate it
+                    data["directions"][str(seed)]["dpa-rsf"] = cmp.directions(DIRECTION_ANGLES)
+                    _save(path, data)
+            finally:
+                cmp.stop()
+
+    tables = results_tables(data)
+    print(tables)
+    if args.plot and data.get("runs"):
+        print(f"plot: {plot(data, args.plot)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
