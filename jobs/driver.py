@@ -13,7 +13,10 @@ One round (2D-DPO, paper Appendix D), read top to bottom in :meth:`OnlineDriver.
     evaluate held-out prompts (greedy), checkpoint, log
 
 Round 0 prepares the run: a short SFT warm start of the policy (the synthetic task
-builds it) and the first 2D reward model, trained on judge annotations.
+builds it) and the first 2D reward model, trained on judge annotations; its
+``eval/*`` metrics measure the warm-started policy *before* any preference training
+(the baseline), then it runs a normal round. In round k ≥ 1, ``eval/*`` is measured
+after that round's training and weight sync.
 
 The driver holds no model: it moves data between actors and calls the pure functions of
 :mod:`twodrl.rounds`. Scheduling is ``sync`` (stage after stage) or ``overlap`` (the
@@ -480,6 +483,11 @@ class OnlineDriver:
             m = self.warm_start()
             metrics.update(m)
             stage_time += m["time/train_s"] + m["time/sync_s"] + m.get("time/annotate_s", 0.0)
+            # Round 0's eval is the baseline: the policy the online rounds start from.
+            t0 = time.perf_counter()
+            eval_metrics = self.evaluate()
+            self._write_samples(round_idx)
+            stage_time += time.perf_counter() - t0
 
         requests = None
         if pending is None:
@@ -527,8 +535,10 @@ class OnlineDriver:
         stage_time += sync_s
 
         t0 = time.perf_counter()
-        metrics.update(self.evaluate())
-        self._write_samples(round_idx)
+        if round_idx > 0:  # after this round's training
+            eval_metrics = self.evaluate()
+            self._write_samples(round_idx)
+        metrics.update(eval_metrics)
         metrics["time/eval_s"] = time.perf_counter() - t0
         stage_time += metrics["time/eval_s"]
 

@@ -85,7 +85,10 @@ PROMPT_TEMPLATES: tuple[str, ...] = (
     "What do you know about the {animal}?",
     "Describe the {animal} for me.",
     "Give me some facts about the {animal}.",
+    "Explain what the {animal} is like.",
+    "Share what you know about the {animal}.",
 )
+HELD_OUT_TEMPLATES = 2  # phrasings per animal kept for evaluation
 
 KINDS = ("true", "false", "other", "filler", "unsafe", "repeat")
 # Mixture of sentence kinds in warm-start (SFT) responses: varied, so that preference
@@ -230,12 +233,14 @@ def make_prompts(n: int, seed: int = 0, animals: Sequence[str] | None = None) ->
 
 
 def split_prompts(seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
-    """Disjoint train / held-out prompt pools (held-out: one phrasing per animal)."""
-    held_template = PROMPT_TEMPLATES[seed % len(PROMPT_TEMPLATES)]
+    """Disjoint train / held-out prompt pools: the held-out pool asks about every
+    animal in ``HELD_OUT_TEMPLATES`` phrasings the policy never trains on."""
+    n = len(PROMPT_TEMPLATES)
+    held_templates = {PROMPT_TEMPLATES[(seed + k) % n] for k in range(HELD_OUT_TEMPLATES)}
     train, held = [], []
     for a in sorted(ANIMALS):
         for t in PROMPT_TEMPLATES:
-            (held if t == held_template else train).append(Prompt(t.format(animal=a), a))
+            (held if t in held_templates else train).append(Prompt(t.format(animal=a), a))
     return train, held
 
 

@@ -27,7 +27,7 @@ from twodrl.tracking import read_metrics
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 REPO = Path(__file__).resolve().parents[2]
-ROUNDS = 3
+ROUNDS = 4  # rounds 0..4: the kill lands in round 2 with rounds 3-4 still to run
 PROMPTS_PER_ROUND = 8
 SMALL = [
     f"rounds={ROUNDS}",
@@ -148,9 +148,11 @@ def test_kill_9_mid_round_then_resume(tmp_path):
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 pytest.fail(f"the run ended (rc={proc.returncode}) before it could be killed:\n{log1.read_text()[-3000:]}")
-            if len(read_metrics(metrics_path)) >= 2 and (run_dir / "rounds" / "round-0002.prompts.json").exists():
+            # Round 2's prompts are drawn right after round 1 is logged: kill then,
+            # while round 2 runs (rounds take seconds here, so poll tightly).
+            if (run_dir / "rounds" / "round-0002.prompts.json").exists() and len(read_metrics(metrics_path)) >= 2:
                 break
-            time.sleep(0.5)
+            time.sleep(0.05)
         else:
             pytest.fail(f"no 2 logged rounds within 600 s:\n{log1.read_text()[-3000:]}")
         gcs = json.loads((run_dir / "ray.json").read_text())["address"]

@@ -4,8 +4,10 @@ had not finished, Ray restarts them, and every item id comes back exactly once."
 from __future__ import annotations
 
 import collections
+import time
 
 import pytest
+
 import ray
 
 from twodrl.config import load_config
@@ -90,8 +92,18 @@ def test_restarted_scorer_keeps_its_trained_weights(restarting_pool):
     before = ray.get(s0.score.remote(probe))
     pid = ray.get(s0.ready.remote())
     ray.kill(s0, no_restart=False)
-    assert wait_ready(s0, timeout_s=120)
-    assert ray.get(s0.ready.remote()) != pid  # a new process, rebuilt from the config
+    # ray.kill is asynchronous: a ping can still be answered by the old process, so
+    # wait until a *new* process answers (a new pid, rebuilt from the config).
+    from ray.exceptions import ActorUnavailableError
+
+    new_pid, deadline = pid, time.monotonic() + 180
+    while new_pid == pid and time.monotonic() < deadline:
+        assert wait_ready(s0, timeout_s=120)
+        try:
+            new_pid = ray.get(s0.ready.remote(), timeout=60)
+        except ActorUnavailableError:
+            continue
+    assert new_pid != pid
     assert ray.get(s0.score.remote(probe)) == before
 
 
