@@ -31,14 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-for _k, _v in {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "HF_HUB_OFFLINE": "1",
-}.items():
-    os.environ.setdefault(_k, _v)
+from benchmarks._setup import prepare_environment  # noqa: E402
+
+prepare_environment()
 
 
 DEFAULT_MODEL = (

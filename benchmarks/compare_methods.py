@@ -43,16 +43,9 @@ from typing import Any, Iterable, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-for _k, _v in {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "HF_HUB_OFFLINE": "1",
-    "WANDB_MODE": "offline",
-    "DS_ACCELERATOR": "cpu",
-}.items():
-    os.environ.setdefault(_k, _v)
+from benchmarks._setup import prepare_environment  # noqa: E402
+
+prepare_environment()
 
 ASPECTS = ["helpfulness", "correctness", "safety", "completeness", "clarity"]
 DEFAULT_WEIGHTS = [0.3, 0.4, 0.1, 0.1, 0.1]  # configs/quickstart.yaml
