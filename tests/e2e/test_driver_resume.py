@@ -74,10 +74,14 @@ def run_online(cmd: list[str], log: Path, *, wait: bool, attempts: int = 3) -> s
         if wait:
             proc.wait(timeout=900)
         else:
-            # Give a failing Ray start-up the chance to show itself (it does so within a minute).
-            deadline = time.monotonic() + 90
-            while proc.poll() is None and time.monotonic() < deadline and RAY_START_TIMEOUT not in log.read_text():
-                time.sleep(1)
+            # Give a failing Ray start-up the chance to show itself; the driver writes
+            # RUN_DIR/ray.json once its cluster is up, and from then on the run is
+            # handed to the caller (rounds take seconds: waiting longer could miss them).
+            ray_json = Path(cmd[cmd.index("--run-dir") + 1]) / "ray.json"
+            deadline = time.monotonic() + 300
+            while (proc.poll() is None and time.monotonic() < deadline and not ray_json.exists()
+                   and RAY_START_TIMEOUT not in log.read_text()):
+                time.sleep(0.2)
             if proc.poll() is None and RAY_START_TIMEOUT not in log.read_text():
                 return proc
             proc.wait(timeout=60)
