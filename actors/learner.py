@@ -206,6 +206,15 @@ def _setup_threads() -> None:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
+def _shuffled_epochs(n: int, epochs: int, seed: int):
+    """Micro-batch indices for ``epochs`` passes, each pass in a fresh seeded order."""
+    rng = random.Random(seed)
+    for _ in range(epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        yield from order
+
+
 class LearnerRank(WeightSenderMixin):
     """One DeepSpeed rank. Created by :class:`PolicyLearnerGroup`; every method that
     touches the engine is collective and must be called on all ranks together."""
@@ -380,26 +389,22 @@ class LearnerRank(WeightSenderMixin):
                 ref_logps = [_token_logps(self.ref_model, b, self.device)[0] for b in batches]
         sums: dict[str, float] = {}
         count = 0
-        rng = random.Random(seed + 7919 * self.rank)
-        for _ in range(epochs):
-            order = list(range(len(batches)))
-            rng.shuffle(order)
-            for i in order:
-                batch = batches[i].to(self.device)
-                lp, logits = _token_logps(self.engine, batch, self.device, return_logits=needs_logits)
-                reference = {"token_logps": ref_logps[i].to(self.device)}
-                if needs_logits:
-                    with torch.no_grad():
-                        _, ref_logits = _token_logps(self.ref_model, batch, self.device, return_logits=True)
-                    reference["logits"] = ref_logits
-                loss, metrics = objectives.compute_preference_loss(
-                    algorithm, {"token_logps": lp, "logits": logits}, reference, batch, self.lc, self.weights
-                )
-                self._step(loss)
-                n = batch.size
-                count += n
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * n
+        for i in _shuffled_epochs(len(batches), epochs, seed + 7919 * self.rank):
+            batch = batches[i].to(self.device)
+            lp, logits = _token_logps(self.engine, batch, self.device, return_logits=needs_logits)
+            reference = {"token_logps": ref_logps[i].to(self.device)}
+            if needs_logits:
+                with torch.no_grad():
+                    _, ref_logits = _token_logps(self.ref_model, batch, self.device, return_logits=True)
+                reference["logits"] = ref_logits
+            loss, metrics = objectives.compute_preference_loss(
+                algorithm, {"token_logps": lp, "logits": logits}, reference, batch, self.lc, self.weights
+            )
+            self._step(loss)
+            n = batch.size
+            count += n
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
         return {"sums": sums, "count": count, "last": self._last()}
 
     def train_sft(self, micro_batches: list[list[dict]], epochs: int, seed: int, lr: Optional[float] = None) -> dict:
@@ -418,19 +423,15 @@ class LearnerRank(WeightSenderMixin):
                 g["lr"] = lr
         sums: dict[str, float] = {}
         count = 0
-        rng = random.Random(seed + 7919 * self.rank)
         try:
-            for _ in range(epochs):
-                order = list(range(len(batches)))
-                rng.shuffle(order)
-                for i in order:
-                    batch = batches[i].to(self.device)
-                    lp, _ = _token_logps(self.engine, batch, self.device)
-                    loss, metrics = objectives.compute_sft_loss(lp, batch.response_mask)
-                    self._step(loss)
-                    count += batch.size
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + float(v) * batch.size
+            for i in _shuffled_epochs(len(batches), epochs, seed + 7919 * self.rank):
+                batch = batches[i].to(self.device)
+                lp, _ = _token_logps(self.engine, batch, self.device)
+                loss, metrics = objectives.compute_sft_loss(lp, batch.response_mask)
+                self._step(loss)
+                count += batch.size
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * batch.size
             last = self._last()
         finally:
             if saved is not None:
@@ -467,21 +468,17 @@ class LearnerRank(WeightSenderMixin):
             self.engine.train()
         sums: dict[str, float] = {}
         count = 0
-        rng = random.Random(seed + 7919 * self.rank)
-        for _ in range(epochs):
-            order = list(range(len(batches)))
-            rng.shuffle(order)
-            for i in order:
-                batch = batches[i].to(self.device)
-                old, ref, adv = prepared[i]
-                lp, _ = _token_logps(self.engine, batch, self.device)
-                loss, metrics = objectives.compute_appo_loss(
-                    lp, old, ref, adv.advantages, adv.mask, batch.response_mask, self.lc
-                )
-                self._step(loss)
-                count += batch.size
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * batch.size
+        for i in _shuffled_epochs(len(batches), epochs, seed + 7919 * self.rank):
+            batch = batches[i].to(self.device)
+            old, ref, adv = prepared[i]
+            lp, _ = _token_logps(self.engine, batch, self.device)
+            loss, metrics = objectives.compute_appo_loss(
+                lp, old, ref, adv.advantages, adv.mask, batch.response_mask, self.lc
+            )
+            self._step(loss)
+            count += batch.size
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * batch.size
         return {"sums": sums, "count": count, "last": self._last()}
 
     # ------------------------------------------------------------------ checkpoints
