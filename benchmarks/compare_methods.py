@@ -369,22 +369,6 @@ def _set_on_ranks(learner, **attrs) -> None:
     ray.get([r.__ray_call__.remote(apply, **attrs) for r in learner.ranks])
 
 
-def _reference_from_policy(learner) -> bool:
-    """π_ref ← the current policy (the SFT warm start) on every rank: a fresh copy of
-    the model with the engine's weights, frozen. Skipped under ZeRO-3 (partitioned)."""
-    import ray
-
-    def apply(rank):
-        if rank.ref_model is None or rank.lc.zero_stage == 3:
-            return False
-        ref = rank._load_reference(partitioned=False)
-        ref.load_state_dict(rank.engine.module.state_dict())
-        rank.ref_model = ref
-        return True
-
-    return all(ray.get([r.__ray_call__.remote(apply) for r in learner.ranks]))
-
-
 class Comparison:
     """One seed: a driver with its actors, the round-0 state, and experiments run from it."""
 
@@ -412,7 +396,11 @@ class Comparison:
         row = d.run_round(0)
         self.ckpt = round_dir(d.run_dir, 0)
         self.state0 = read_driver_state(self.ckpt, restore=False)
-        self.ref_is_sft = _reference_from_policy(d.learner)
+        # Every method starts from the warm-started policy (RUN_DIR/warmstart), which
+        # the driver has already frozen as the reference; round 0's own preference
+        # step is not part of any method's run.
+        self.warmstart = d.run_dir / "warmstart"
+        self.ref_is_sft = self.warmstart.is_dir()
         self.beta0 = self.cfg.learner.beta
         return {"row": _keep(row), "seconds": time.perf_counter() - t0, "reference": "sft" if self.ref_is_sft else "init"}
 
@@ -430,7 +418,7 @@ class Comparison:
         d.cfg.aspects.weights = list(weights)
         d.weights = list(weights)
         _set_on_ranks(d.learner, beta=beta, weights=weights)
-        d.learner.load_checkpoint(str(self.ckpt / "learner"))
+        d.learner.load_checkpoint(str(self.warmstart))
         state = read_driver_state(self.ckpt, restore=True)  # python/torch RNGs back too
         d.cursor = PromptCursor.from_state(state["cursor"])
         d.planned_prompts = state.get("planned_prompts", 0)
