@@ -509,15 +509,9 @@ class LearnerRank(WeightSenderMixin):
 
     def finalize(self, tmp: str, final: str) -> None:
         """Rank 0: move a finished checkpoint into place (atomic rename)."""
-        tmp_p, final_p = Path(tmp), Path(final)
-        if final_p.exists():
-            old = final_p.with_name(f".{final_p.name}.old.{os.getpid()}")
-            os.replace(final_p, old)
-            os.replace(tmp_p, final_p)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            final_p.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp_p, final_p)
+        from twodrl.checkpoint import replace_directory
+
+        replace_directory(tmp, final)
 
     # ------------------------------------------------------------------ weights
 

@@ -36,6 +36,21 @@ def round_dir(run_dir: str | Path, round_idx: int) -> Path:
     return checkpoint_root(run_dir) / f"round-{round_idx:04d}"
 
 
+def replace_directory(tmp: str | Path, final: str | Path) -> None:
+    """Move the finished directory ``tmp`` to ``final`` so that ``final`` is always
+    either the old complete directory or the new one (an existing one is swapped out
+    by rename, then deleted)."""
+    tmp, final = Path(tmp), Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success rename it to ``final``."""
@@ -47,13 +62,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if final.exists():  # re-saving the same round: replace it whole
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_directory(tmp, final)  # re-saving the same round replaces it whole
         fd = os.open(final.parent, os.O_RDONLY)
         try:
             os.fsync(fd)

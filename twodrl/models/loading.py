@@ -8,7 +8,6 @@ models of :mod:`twodrl.models.tiny`.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -118,13 +117,9 @@ def save_pretrained_safe(model, tokenizer, path: str | Path) -> Path:
                 gen.save_pretrained(tmp)
             except Exception:  # non-generative heads carry an unused default config
                 pass
-        if path.exists():
-            old = path.with_name(f".{path.name}.old.{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        from twodrl.checkpoint import replace_directory
+
+        replace_directory(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
