@@ -527,7 +527,7 @@ class LearnerRank(WeightSenderMixin):
         return [(n, t.to("cpu", copy=True)) for n, t in named_full_parameters(self.engine.module)]
 
     # WeightSenderMixin hooks (actors/weight_sync.py): the mixin's
-    # export_weights_object_store / weight_sync_endpoint / init_weight_group /
+    # stream_weights / weight_sync_endpoint / init_weight_group /
     # broadcast_weights run on every rank (ZeRO-3 gathers are collective); rank 0 sends.
     def weight_sync_model(self) -> torch.nn.Module:
         return self.engine.module
@@ -548,6 +548,7 @@ class LearnerRank(WeightSenderMixin):
     def shutdown(self) -> None:
         import torch.distributed as dist
 
+        self.close_weight_segment()  # the actor is killed next: atexit would not run
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -805,12 +806,17 @@ class PolicyLearnerGroup:
         self._round = int(outs[0].get("round", 0))
         return outs[0]
 
-    def export_weights_object_store(self, bucket_bytes: int = 64 << 20) -> dict:
-        """Buckets of the full policy weights in the object store, packed by rank 0
-        (every rank takes part: ZeRO-3 gathers are collective). For pushing weights into
+    def export_weights_object_store(self, bucket_bytes: int = 64 << 20) -> list:
+        """Refs to the buckets of the full policy weights in the object store, packed by
+        rank 0 (every rank takes part: ZeRO-3 gathers are collective); read them with
+        ``actors.weight_sync.iter_object_store_buckets``. For pushing weights into
         rollout workers use ``actors.weight_sync.sync_weights(group, workers)``."""
-        outs = ray.get([r.export_weights_object_store.remote(bucket_bytes) for r in self.ranks])
-        return outs[0]
+        streams = [r.stream_weights.options(num_returns="streaming").remote("object_store", bucket_bytes)
+                   for r in self.ranks]
+        refs = list(streams[0])
+        for stream in streams[1:]:
+            ray.get(list(stream))
+        return refs
 
     def broadcast_weights(self, bucket_bytes: int = 64 << 20) -> dict:
         """Broadcast from rank 0 over a weight group set up by ``sync_weights``

@@ -7,12 +7,13 @@ backends sit behind :class:`RolloutBackend`:
   (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; with tensor parallelism on GPU its extra ranks
   are Ray workers inside the actor's placement group). Weight updates go through
   :class:`VLLMWeightSyncExtension`, a worker extension that runs *inside* each engine
-  rank and calls the worker's in-place ``reload_weights`` — the path vLLM itself uses
-  for RL weight updates. It works on the CPU build, where the model's
-  ``load_weights`` alone fails because the CPU kernels keep repacked copies of the
-  weights: ``reload_weights`` restores the checkpoint layout, loads, re-runs the
-  per-layer post-processing and copies the result back into the original storage
-  (so CUDA graphs stay valid on GPU).
+  rank. Where the engine's parameters are the live weights its kernels read (GPU,
+  unquantized; CPU with ``rollout.cpu_prepack_weights: false``) every bucket is loaded
+  the moment it arrives with the model's own ``load_weights``: one copy per tensor into
+  the existing storage. Where the kernels keep repacked copies (vLLM's CPU oneDNN path
+  drops the plain weights; quantized models) a plain copy would not reach them, so the
+  buckets are held until the update is finished and loaded in one ``reload_weights``
+  session, vLLM's own path for that case, which re-runs the per-layer packing.
 - ``hf``: ``transformers`` ``generate`` — slow, for debugging and as a fallback.
 
 Requests are ``{"id", "prompt", "history"?, "system"?}``; DPA's preference-conditioned
@@ -27,6 +28,7 @@ default ``raw_logprobs`` mode), i.e. what the learner's forward pass computes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from typing import Any, Iterator, Optional, Protocol, Sequence
@@ -40,8 +42,11 @@ from actors.weight_sync import (
     WeightGroup,
     consume_buckets,
     iter_broadcast_buckets,
-    iter_object_store_buckets,
+    open_bucket,
 )
+from twodrl.weights import TensorMeta, iter_unpacked, unpack_bucket
+
+logger = logging.getLogger(__name__)
 from twodrl.config import RunConfig
 
 
@@ -110,8 +115,16 @@ class RolloutBackend(Protocol):
 
     def sequence_logprobs(self, prompt_token_ids: list[list[int]], response_token_ids: list[list[int]]) -> list[list[float]]: ...
 
-    def load_from_object_store(self, refs: list) -> int:
-        """Load every bucket behind ``refs`` in place; returns tensors loaded."""
+    def load_bucket(self, descriptor: dict) -> int:
+        """Load one bucket (a descriptor from ``actors.weight_sync.stream_buckets``) in
+        place, or hold it until :meth:`finish_update`; returns its tensor count."""
+
+    def finish_update(self) -> None:
+        """Complete the update: load anything held, drop caches of the old weights."""
+
+    def weight_load_mode(self) -> str:
+        """``in_place`` (each bucket copied into the live parameters on arrival) or
+        ``reload`` (held, then one re-packing reload at finish)."""
 
     def weight_group_ranks(self) -> int:
         """How many ranks this engine contributes to a weight group (its TP size)."""
@@ -131,11 +144,25 @@ class VLLMWeightSyncExtension:
     so these methods run next to the model on each engine rank — in-process on CPU,
     in each TP worker on GPU. Called through ``LLM.collective_rpc``."""
 
-    def twodrl_load_object_store(self, refs: list) -> int:
-        # One reload session for all buckets: vLLM post-processes a layer once all its
-        # weights (e.g. q, k and v of one fused qkv_proj) have arrived, so splitting the
-        # sync into a session per bucket could process a half-loaded layer.
-        return consume_buckets(iter_object_store_buckets(refs), self._twodrl_reload)
+    def twodrl_load_bucket(self, descriptor: dict) -> int:
+        bucket = open_bucket(descriptor)
+        if self._twodrl_in_place():
+            self._twodrl_load(unpack_bucket(bucket))
+        else:
+            # A fused layer (q, k and v in one qkv_proj) is re-packed once all of its
+            # weights are in, and a bucket may end half-way through one: keep the
+            # views (the sender leaves them untouched until the next sync) and reload
+            # everything in one session at finish.
+            self.__dict__.setdefault("_twodrl_held", []).append(bucket)
+        return len(bucket.metas)
+
+    def twodrl_weight_load_mode(self) -> str:
+        return "in_place" if self._twodrl_in_place() else "reload"
+
+    def twodrl_finish_update(self) -> None:
+        held = self.__dict__.pop("_twodrl_held", [])
+        if held:
+            self._twodrl_load(iter_unpacked(held))
 
     def twodrl_init_weight_group(self, host: str, port: int, world_size: int, rank_base: int, backend: str,
                                  timeout_s: float, token: str) -> None:
@@ -152,10 +179,78 @@ class VLLMWeightSyncExtension:
         pool = getattr(self, "_twodrl_pool", None)
         if pool is None:
             pool = self._twodrl_pool = BufferPool()
-        return consume_buckets(iter_broadcast_buckets(group, pool), self._twodrl_reload)
+        return consume_buckets(iter_broadcast_buckets(group, pool), self._twodrl_load)
 
-    def _twodrl_reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-        self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+    def _twodrl_in_place(self) -> bool:
+        """Whether the model's parameters are what its kernels read: unquantized, and
+        no layer has swapped its weight for a repacked copy (vLLM's CPU oneDNN path
+        leaves an empty placeholder behind)."""
+        flag = self.__dict__.get("_twodrl_in_place_flag")
+        if flag is None:
+            quantized = getattr(self.vllm_config, "quant_config", None) is not None
+            flag = not quantized and all(p.numel() > 0 for p in self.get_model().parameters())
+            self._twodrl_in_place_flag = flag
+        return flag
+
+    def _twodrl_load(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        if not self._twodrl_in_place():
+            self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+            return
+        from vllm.config import set_current_vllm_config
+
+        from twodrl.copy_plan import CopyPlan, NotReplayable, record_copies
+
+        named = list(weights)  # views into the received buffer: no copy yet
+        plan = self.__dict__.setdefault("_twodrl_plan", CopyPlan())
+        if plan.covers(named):
+            # Every later sync: the recorded copies only (twodrl.copy_plan).
+            plan.replay(named)
+            return
+        model = self.get_model()
+        with set_current_vllm_config(self.vllm_config), torch.no_grad():
+            if self.__dict__.get("_twodrl_plan_off"):
+                model.load_weights(named)
+                return
+            try:
+                # First sync of these names: vLLM's loader runs (and really loads)
+                # while its copies are recorded and checked.
+                plan.add(record_copies(model.load_weights, named, model.parameters()), named)
+            except NotReplayable as e:
+                self._twodrl_plan_off = str(e)
+                logger.warning("rollout: weight syncs keep using vLLM's load_weights (%s)", e)
+
+
+def _plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def keep_plain_cpu_linear_weights() -> bool:
+    """Make vLLM's CPU build compute dense linear layers with ``torch.nn.functional.linear``
+    on the layer's own weight, instead of repacking the weight for oneDNN and dropping
+    the original. The parameters then stay the weights the kernels read, so a weight
+    sync is one in-place copy per tensor (the GPU path) instead of a full reload that
+    repacks every layer. Affects engines created afterwards in this process (a rollout
+    actor hosts one). Returns False, changing nothing, on a vLLM without that hook;
+    the sync then falls back to reloading (see VLLMWeightSyncExtension)."""
+    try:
+        from vllm.model_executor.layers import utils as layer_utils
+    except ImportError:
+        return False
+    original = getattr(layer_utils, "dispatch_cpu_unquantized_gemm", None)
+    if original is None:
+        return False
+    if getattr(original, "_twodrl_plain", False):
+        return True
+
+    def dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
+        weight = getattr(layer, "weight", None)
+        if weight is None or weight.is_meta or weight.dim() != 2:
+            return original(layer, remove_weight)  # not a dense linear: vLLM's own choice
+        layer.cpu_linear = _plain_linear
+
+    dispatch._twodrl_plain = True  # type: ignore[attr-defined]
+    layer_utils.dispatch_cpu_unquantized_gemm = dispatch
+    return True
 
 
 class VLLMBackend:
@@ -166,6 +261,8 @@ class VLLMBackend:
         on_cpu = cfg.rollout.num_gpus <= 0
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache
+            if not cfg.rollout.cpu_prepack_weights:
+                keep_plain_cpu_linear_weights()
         from vllm import LLM
 
         r = cfg.rollout
@@ -231,10 +328,15 @@ class VLLMBackend:
         # Cached prefix KV blocks were computed with the old weights.
         self.llm.reset_prefix_cache()
 
-    def load_from_object_store(self, refs):
-        counts = self.llm.collective_rpc("twodrl_load_object_store", args=(refs,))
+    def load_bucket(self, descriptor):
+        return int(self.llm.collective_rpc("twodrl_load_bucket", args=(descriptor,))[0])
+
+    def finish_update(self):
+        self.llm.collective_rpc("twodrl_finish_update")
         self._after_update()
-        return int(counts[0])
+
+    def weight_load_mode(self) -> str:
+        return str(self.llm.collective_rpc("twodrl_weight_load_mode")[0])
 
     def weight_group_ranks(self) -> int:
         return self.tp
@@ -335,8 +437,16 @@ class HFBackend:
                 raise KeyError(f"rollout (hf backend): received weight {name!r} that the model does not have")
             param.copy_(tensor)
 
-    def load_from_object_store(self, refs):
-        return consume_buckets(iter_object_store_buckets(refs), self._load)
+    def load_bucket(self, descriptor):
+        bucket = open_bucket(descriptor)
+        self._load(unpack_bucket(bucket))
+        return len(bucket.metas)
+
+    def finish_update(self):
+        pass
+
+    def weight_load_mode(self) -> str:
+        return "in_place"
 
     def weight_group_ranks(self) -> int:
         return 1
@@ -352,6 +462,10 @@ class HFBackend:
 
 
 # --------------------------------------------------------------------------- actor
+
+
+def _new_update() -> dict:
+    return {"load_s": 0.0, "tensors": 0, "buckets": 0, "bytes": 0}
 
 
 @ray.remote
@@ -380,6 +494,7 @@ class RolloutWorker:
             raise ValueError(f"rollout.backend: {self.backend_name!r} is not one of ['vllm', 'hf']")
         self._version = 0
         self._group_token = ""
+        self._update = _new_update()
 
     # -- generation ------------------------------------------------------------------
 
@@ -388,7 +503,7 @@ class RolloutWorker:
 
     def info(self) -> dict:
         return {"index": self.index, "backend": self.backend_name, "model_path": self.model_path,
-                "weights_version": self._version}
+                "weights_version": self._version, "weight_load": self.backend.weight_load_mode()}
 
     def render(self, request: dict) -> list[int]:
         """Token ids of a request's prompt, rendered with the chat template."""
@@ -454,12 +569,40 @@ class RolloutWorker:
         self._version = self._version + 1 if version is None else int(version)
         return self._version
 
-    def update_weights_from_buckets(self, payload: dict, version: Optional[int] = None) -> dict:
-        """Load the buckets behind ``payload["refs"]`` (from
-        :func:`actors.weight_sync.export_weights_object_store`) in place."""
+    def load_weight_bucket(self, descriptor: dict) -> int:
+        """One bucket of a streamed update (``actors.weight_sync.sync_weights`` sends
+        them in order, then :meth:`finish_weight_update`)."""
         t = time.perf_counter()
-        count = self.backend.load_from_object_store(list(payload["refs"]))
-        return {"load_s": time.perf_counter() - t, "tensors": count, "version": self._bump(version)}
+        try:
+            count = self.backend.load_bucket(descriptor)
+        except BaseException:
+            self._update["failed"] = True  # finish must not claim the new version
+            raise
+        u = self._update
+        u["load_s"] += time.perf_counter() - t
+        u["tensors"] += count
+        u["buckets"] += 1
+        u["bytes"] += sum(TensorMeta.from_json(m).nbytes for m in descriptor["metas"])
+        return count
+
+    def finish_weight_update(self, version: Optional[int] = None) -> dict:
+        """Close the update begun by :meth:`load_weight_bucket` calls; returns its
+        totals (``load_s``, ``tensors``, ``buckets``, ``bytes``) and the new version."""
+        t = time.perf_counter()
+        done, self._update = self._update, _new_update()
+        if done.pop("failed", False):
+            self.backend.finish_update()  # flush what was held: nothing may leak into the next sync
+            raise RuntimeError(
+                f"rollout-{self.index}: a bucket of this weight update failed to load; the engine keeps "
+                f"weights version {self._version} (partly overwritten) until the next complete sync"
+            )
+        self.backend.finish_update()
+        done["load_s"] += time.perf_counter() - t
+        done["version"] = self._bump(version)
+        return done
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def weight_group_ranks(self) -> int:
         return self.backend.weight_group_ranks()
@@ -502,4 +645,4 @@ def create_rollout_workers(cfg: RunConfig, namespace: Optional[str] = None,
 
 
 __all__ = ["HFBackend", "RolloutBackend", "RolloutWorker", "VLLMBackend", "VLLMWeightSyncExtension",
-           "create_rollout_workers", "hf_sequence_logprobs"]
+           "create_rollout_workers", "hf_sequence_logprobs", "keep_plain_cpu_linear_weights"]

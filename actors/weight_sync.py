@@ -1,31 +1,39 @@
 """Learner → rollout weight sync: bucketed, in place, engines keep running.
 
-Two transports move the same buckets (:mod:`twodrl.weights`):
+Three transports move the same buckets (:mod:`twodrl.weights`):
 
-``object_store``
-    Learner rank 0 packs its full parameters into flat buckets and ``ray.put``s each
-    bucket as a numpy ``uint8`` array (stored out of band: receivers on the node map it
-    read-only, zero-copy). Every rollout worker fetches the buckets one at a time and
-    loads views of them into its engine. Works on any Ray cluster, CPU or GPU.
+``shared_memory`` (same node)
+    Learner rank 0 packs the buckets straight into one shared-memory segment (a file
+    in ``/dev/shm``) that lives as long as the learner and is rewritten in place at
+    every sync; each rollout worker maps it once and loads views of it. One copy on
+    each side and no page faults after the first sync. The CPU default when learner
+    rank 0 and the rollout workers share a node (``rollout.weight_sync: auto``).
+
+``object_store`` (any cluster)
+    Learner rank 0 yields each bucket from a Ray streaming generator; every bucket
+    becomes one object in Ray's store, which receivers on the same node map read-only
+    and zero-copy, and receivers elsewhere pull over the network.
 
 ``collective``
     A torch.distributed process group made of learner rank 0 and every rollout engine
     rank (gloo on CPU, NCCL on GPU). It is built on its own ``TCPStore`` and is *not*
     the learner's default (DeepSpeed) group, so it never interferes with training
     collectives and can be rebuilt when a rollout worker restarts. Rank 0 broadcasts a
-    JSON header (the bucket plan), then each bucket.
+    JSON header (the bucket plan), then each bucket. The GPU default.
+
+The first two are streamed: the driver hands bucket ``i`` to the rollout workers while
+the learner packs bucket ``i+1``, and the broadcast double-buffers the same way.
 
 With ZeRO-3 every learner rank holds a shard of each parameter, so *all* ranks walk the
 same bucket plan and gather one bucket's parameters at a time
 (``deepspeed.zero.GatheredParameters``, a collective on the learner's own group); only
-rank 0 packs and sends. Peak extra memory on the learner is one bucket, not one model.
+rank 0 packs and sends. Peak extra memory on the learner is one bucket, not one model
+(plus, for ``shared_memory``, the segment: one model's worth of bytes in ``/dev/shm``).
 
 Learner-side API (the learner actor inherits :class:`WeightSenderMixin`, or calls the
-functions directly):
-``export_weights_object_store(model, bucket_bytes, rank)``,
-``WeightGroup.create_master_store`` / ``WeightGroup.join``,
-``broadcast_weights(model, group, bucket_bytes, rank)``.
-Driver side: :func:`sync_weights`.
+functions directly): :func:`stream_buckets`, ``WeightGroup.create_master_store`` /
+``WeightGroup.join``, :func:`broadcast_weights`. Receiver side: :func:`open_bucket`,
+:func:`iter_broadcast_buckets`. Driver side: :func:`sync_weights`.
 
 Parameter names are the Hugging Face names (``model.layers.0.self_attn.q_proj.weight``);
 vLLM's model ``load_weights`` maps them onto its fused q/k/v and gate/up parameters.
@@ -46,7 +54,9 @@ import torch
 
 from twodrl.weights import (
     Bucket,
+    SharedSegment,
     bucket_from_payload,
+    bucket_from_segment,
     bucket_nbytes,
     bucket_to_payload,
     iter_unpacked,
@@ -54,9 +64,14 @@ from twodrl.weights import (
     metas_to_bytes,
     pack_bucket,
     plan_buckets,
+    shared_bucket_descriptor,
 )
 
 DEFAULT_BUCKET_MB = 64
+# The first buckets of a sync are 1/8, 1/4, 1/2 of the bucket size: every transport
+# overlaps packing bucket i+1 with moving/loading bucket i, and a small first bucket
+# gets the receiver going sooner (twodrl.weights.plan_buckets).
+BUCKET_RAMP = 3
 # Wrapper prefixes that are not part of the model's own parameter names.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 _STORE_PREFIX = "twodrl-weight-sync"
@@ -105,14 +120,16 @@ def _sync_dtype(p: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
 
 
 def weight_plan(
-    model: torch.nn.Module, bucket_bytes: int, dtype: Optional[torch.dtype] = None
+    model: torch.nn.Module, bucket_bytes: int, dtype: Optional[torch.dtype] = None, ramp: Optional[int] = None
 ) -> tuple[list, dict[str, torch.Tensor]]:
     """The bucket plan for ``model``'s parameters and a name → parameter map. Identical
-    on every learner rank (it depends only on names, full shapes and dtypes)."""
+    on every learner rank (it depends only on names, full shapes and dtypes). Buckets
+    ramp up in size (:data:`BUCKET_RAMP`) so that receivers start loading early."""
+    ramp = BUCKET_RAMP if ramp is None else ramp
     named = [(hf_param_name(n), p) for n, p in model.named_parameters()]
     if not named:
         raise ValueError(f"weight_sync: {type(model).__name__} has no parameters to sync")
-    plans = plan_buckets(((n, _sync_dtype(p, dtype), _full_shape(p)) for n, p in named), bucket_bytes)
+    plans = plan_buckets(((n, _sync_dtype(p, dtype), _full_shape(p)) for n, p in named), bucket_bytes, ramp)
     return plans, dict(named)
 
 
@@ -182,45 +199,98 @@ def named_full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.T
             yield name, p.detach()
 
 
-# --------------------------------------------------------------------------- object store
+# --------------------------------------------------------------------------- streamed buckets
 
 
-def export_weights_object_store(
+class SegmentSlots:
+    """Bucket buffers carved out of one :class:`~twodrl.weights.SharedSegment`: bucket
+    ``i`` lives at a fixed offset, so every sync rewrites the same (already faulted-in)
+    pages. Same ``get`` signature as :class:`BufferPool`."""
+
+    def __init__(self, segment: SharedSegment, offsets: Sequence[int]):
+        self.segment = segment
+        self.offsets = list(offsets)
+
+    def get(self, index: int, nbytes: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        start = self.offsets[index]
+        return self.segment.tensor[start : start + nbytes]
+
+
+def stream_buckets(
     model: torch.nn.Module,
+    transport: str,
     bucket_bytes: int,
     rank: int = 0,
     dtype: Optional[torch.dtype] = None,
     pool: Optional[BufferPool] = None,
-) -> Optional[dict]:
-    """Pack the full parameters and ``ray.put`` each bucket. Call on every learner rank
-    (ZeRO-3 gathers are collective); rank 0 returns ``{"refs": [ObjectRef, ...],
-    "bytes": int, "pack_s": float, "put_s": float}``, other ranks ``None``.
+    segment_for: Optional[Callable[[int], SharedSegment]] = None,
+) -> Iterator[dict]:
+    """Sender side of the ``object_store`` and ``shared_memory`` transports: gather and
+    pack the parameters bucket by bucket and yield one small picklable *descriptor* per
+    bucket, as soon as it is packed, so receivers load bucket ``i`` while bucket
+    ``i+1`` is being packed.
 
-    The refs are returned inside a dict so Ray passes them by reference (a top-level
-    ObjectRef argument would be fetched eagerly by the callee)."""
-    refs: list = []
-    pack_s = put_s = 0.0
-    nbytes = 0
-    t = time.perf_counter()
-    # ray.put copies the bucket into the object store, so a pooled buffer is free
-    # again as soon as put returns.
-    for bucket in iter_packed_buckets(model, bucket_bytes, pack=(rank == 0), dtype=dtype, pool=pool):
-        t1 = time.perf_counter()
-        pack_s += t1 - t
-        if bucket is not None:
-            nbytes += bucket.nbytes
-            refs.append(ray.put(bucket_to_payload(bucket)))
-        t = time.perf_counter()
-        put_s += t - t1
+    - ``object_store``: the descriptor carries the bucket's buffer; yielded from a Ray
+      streaming generator it becomes one object in the store (copied there at the
+      yield, so a pooled buffer is free again when the generator resumes).
+    - ``shared_memory``: the bucket is packed straight into a segment that outlives
+      the sync (``segment_for(total_bytes)`` returns it); the descriptor says where.
+
+    Call on every learner rank (ZeRO-3 gathers are collective); only rank 0 yields.
+    """
+    if transport == "object_store":
+        for bucket in iter_packed_buckets(model, bucket_bytes, pack=(rank == 0), dtype=dtype, pool=pool):
+            if bucket is not None:
+                yield bucket_to_payload(bucket)
+        return
+    if transport != "shared_memory":
+        raise ValueError(f"weight_sync.stream_buckets: transport must be object_store or shared_memory, got {transport!r}")
     if rank != 0:
-        return None
-    return {"refs": refs, "bytes": nbytes, "pack_s": pack_s, "put_s": put_s}
+        for _ in iter_packed_buckets(model, bucket_bytes, pack=False, dtype=dtype):
+            pass
+        return
+    if segment_for is None:
+        raise ValueError("weight_sync.stream_buckets: shared_memory needs segment_for")
+    plans, _ = weight_plan(model, bucket_bytes, dtype)
+    offsets = list(itertools.accumulate((bucket_nbytes(p) for p in plans), initial=0))
+    segment = segment_for(offsets[-1])
+    slots = SegmentSlots(segment, offsets)
+    for i, bucket in enumerate(iter_packed_buckets(model, bucket_bytes, dtype=dtype, device="cpu", pool=slots)):
+        yield shared_bucket_descriptor(segment, offsets[i], bucket.metas)
+
+
+# Segments this process has mapped as a receiver, newest last. A few are kept so that
+# two senders (e.g. the learner and a reference source in a test) do not evict each
+# other at every sync.
+_ATTACHED: dict[str, SharedSegment] = {}
+_MAX_ATTACHED = 4
+
+
+def open_bucket(descriptor: dict) -> Bucket:
+    """Receiver side: the :class:`Bucket` a descriptor from :func:`stream_buckets`
+    stands for, as zero-copy views (of the object-store buffer, or of the shared
+    segment, mapped on first use and kept for later syncs)."""
+    kind = descriptor.get("kind")
+    if kind == "object_store":
+        return bucket_from_payload(descriptor)
+    if kind != "shared_memory":
+        raise ValueError(f"weight_sync.open_bucket: unknown bucket kind {kind!r}")
+    path, size = descriptor["path"], int(descriptor["size"])
+    segment = _ATTACHED.get(path)
+    if segment is None or segment.nbytes < size:
+        if segment is not None:
+            _ATTACHED.pop(path).close()
+        segment = SharedSegment.attach(path, size)
+        _ATTACHED[path] = segment
+        while len(_ATTACHED) > _MAX_ATTACHED:
+            _ATTACHED.pop(next(iter(_ATTACHED))).close()
+    return bucket_from_segment(segment, descriptor)
 
 
 def iter_object_store_buckets(refs: Sequence[Any]) -> Iterator[Bucket]:
-    """Fetch buckets one at a time (bounded memory) as zero-copy views."""
+    """Fetch object-store buckets one at a time (bounded memory) as zero-copy views."""
     for ref in refs:
-        yield bucket_from_payload(ray.get(ref))
+        yield open_bucket(ray.get(ref))
 
 
 # --------------------------------------------------------------------------- collective
@@ -433,11 +503,32 @@ class WeightSenderMixin:
             pool = self._wsync_pool = BufferPool()
         return pool
 
-    def export_weights_object_store(self, bucket_bytes: int) -> Optional[dict]:
-        return export_weights_object_store(
-            self.weight_sync_model(), bucket_bytes, rank=self.weight_sync_rank(), dtype=self.weight_sync_dtype(),
-            pool=self._weight_sync_pool(),
+    def stream_weights(self, transport: str, bucket_bytes: int) -> Iterator[dict]:
+        """A generator method: call it with ``.options(num_returns="streaming")``; each
+        item is one bucket descriptor (see :func:`stream_buckets`)."""
+        yield from stream_buckets(
+            self.weight_sync_model(), transport, bucket_bytes, rank=self.weight_sync_rank(),
+            dtype=self.weight_sync_dtype(), pool=self._weight_sync_pool(), segment_for=self._weight_sync_segment,
         )
+
+    def _weight_sync_segment(self, nbytes: int) -> SharedSegment:
+        """The shared-memory segment, created on first use and replaced only when a
+        bigger one is needed (a different bucket size can shift the padding)."""
+        segment = getattr(self, "_wsync_segment", None)
+        if segment is None or segment.nbytes < nbytes:
+            if segment is not None:
+                segment.close()
+            segment = self._wsync_segment = SharedSegment.create(nbytes)
+        return segment
+
+    def close_weight_segment(self) -> None:
+        segment = getattr(self, "_wsync_segment", None)
+        if segment is not None:
+            segment.close()
+        self._wsync_segment = None
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def weight_sync_endpoint(self, world_size: int, timeout_s: float = 600.0) -> tuple[str, int]:
         """Rank 0: open the group's TCPStore on this node; returns ``(host, port)``."""
@@ -516,11 +607,6 @@ class WeightSourceActor(WeightSenderMixin):
             best = min(best, time.perf_counter() - t)
         return best
 
-    def put_each_tensor(self) -> list:
-        """One ``ray.put`` per parameter (the per-tensor baseline of the benchmark);
-        returned inside a list so callers get the refs, not the values."""
-        return [[n, ray.put(p.detach().numpy())] for n, p in self.model.named_parameters()]
-
 
 # --------------------------------------------------------------------------- driver side
 
@@ -577,10 +663,36 @@ def _ensure_collective(learners: list, workers: list, backend: str, timeout_s: f
     return state
 
 
+TRANSPORTS = ("auto", "shared_memory", "object_store", "collective")
+
+
+def resolve_transport(transport: str, learners: list, workers: list) -> str:
+    """``auto``: NCCL ``collective`` on a GPU cluster; on CPU, ``shared_memory`` when
+    learner rank 0 and every rollout worker share a node, else ``object_store``. An
+    explicit ``shared_memory`` is checked the same way, so a worker on another node is
+    a clear error here rather than a missing file inside the engine."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"rollout.weight_sync: {transport!r} is not one of {list(TRANSPORTS)}")
+    if transport in ("object_store", "collective"):
+        return transport
+    if transport == "auto" and ray.cluster_resources().get("GPU", 0) > 0:
+        return "collective"
+    nodes = ray.get([learners[0].node_id.remote()] + [w.node_id.remote() for w in workers])
+    same_node = all(n == nodes[0] for n in nodes[1:])
+    if transport == "auto":
+        return "shared_memory" if same_node else "object_store"
+    if not same_node:
+        raise ValueError(
+            "rollout.weight_sync=shared_memory needs every rollout worker on learner rank 0's node; "
+            "use object_store (or auto) when they are spread over several nodes"
+        )
+    return transport
+
+
 def sync_weights(
     learner_group: Any,
     rollout_workers: Sequence[Any],
-    transport: str = "object_store",
+    transport: str = "auto",
     bucket_mb: float = DEFAULT_BUCKET_MB,
     version: Optional[int] = None,
     backend: Optional[str] = None,
@@ -589,11 +701,19 @@ def sync_weights(
     """Push the learner's current weights into every rollout worker, in place.
 
     ``learner_group``: learner rank actors (rank 0 first) or an object with ``actors``;
-    each rank implements the :class:`WeightSenderMixin` methods. ``backend`` for the
-    collective transport defaults to NCCL when the cluster has GPUs, else gloo.
-    Workers are busy one call at a time, so a sync waits for a running ``generate``.
-    Returns timings: ``total_s``, ``send_s`` (sender pack+put / broadcast),
-    ``load_s`` (slowest receiver), ``bytes``, ``buckets``, ``version``.
+    each rank implements the :class:`WeightSenderMixin` methods. ``transport``: see
+    :func:`resolve_transport`. ``backend`` for the collective transport defaults to
+    NCCL when the cluster has GPUs, else gloo.
+
+    With ``shared_memory`` and ``object_store`` the buckets are streamed: learner rank
+    0 is a Ray streaming generator, and each bucket is handed to every worker (one
+    ``load_weight_bucket`` call per worker and bucket) as soon as it is packed, so
+    packing and loading overlap. ``finish_weight_update`` then closes the update.
+    Workers run one call at a time, so a sync waits for a running ``generate``.
+
+    Returns timings: ``total_s``, ``send_s`` (until the last bucket was packed / sent),
+    ``load_s`` (slowest receiver's time spent loading), ``bytes``, ``buckets``,
+    ``tensors``, ``version``, ``transport`` (the resolved one).
     """
     learners = _learner_handles(learner_group)
     workers = list(rollout_workers)
@@ -601,24 +721,28 @@ def sync_weights(
         raise ValueError("sync_weights: need at least one learner rank and one rollout worker")
     if bucket_mb <= 0:
         raise ValueError(f"sync_weights: bucket_mb must be > 0 (rollout.weight_sync_bucket_mb), got {bucket_mb}")
-    bucket_bytes = int(bucket_mb * (1 << 20))
+    bucket_bytes = max(1, int(bucket_mb * (1 << 20)))
     version = int(version) if version is not None else next(_VERSION)
     t0 = time.perf_counter()
-    if transport == "object_store":
-        results = ray.get([r.export_weights_object_store.remote(bucket_bytes) for r in learners], timeout=timeout_s)
-        export = results[0]
-        if export is None:
-            raise RuntimeError("sync_weights: learner rank 0 returned no buckets")
-        t_send = time.perf_counter()
-        loads = ray.get(
-            [w.update_weights_from_buckets.remote({"refs": export["refs"]}, version) for w in workers],
-            timeout=timeout_s,
-        )
-        stats = {"bytes": export["bytes"], "buckets": len(export["refs"])}
-        # Drop the driver's refs: the buckets leave the object store once the
-        # receivers are done with them.
-        del export, results
-        send_s = t_send - t0
+    transport = resolve_transport(transport, learners, workers)
+    stats: dict[str, Any] = {}
+    if transport in ("object_store", "shared_memory"):
+        streams = [r.stream_weights.options(num_returns="streaming").remote(transport, bucket_bytes)
+                   for r in learners]
+        pending = []
+        for ref in streams[0]:
+            # A top-level ObjectRef argument is resolved before the call runs: the
+            # worker gets the descriptor (for object_store, a zero-copy view of the
+            # bucket in the node's store). Calls to one actor run in submission order.
+            pending.extend(w.load_weight_bucket.remote(ref) for w in workers)
+        for stream in streams[1:]:  # ZeRO-3 ranks gather only; surface their errors
+            ray.get(list(stream), timeout=timeout_s)
+        send_s = time.perf_counter() - t0
+        finishes = [w.finish_weight_update.remote(version) for w in workers]
+        ray.get(pending, timeout=timeout_s)  # a failed bucket load surfaces here
+        loads = ray.get(finishes, timeout=timeout_s)
+        del pending, streams  # the object-store buckets can go now
+        stats = {"bytes": loads[0]["bytes"], "buckets": loads[0]["buckets"]}
     elif transport == "collective":
         if backend is None:
             # The driver itself may sit on a CPU head node: decide by the cluster.
@@ -632,8 +756,6 @@ def sync_weights(
         loads = out[len(sends):]
         send_s = sent["send_s"]
         stats = {"bytes": sent["bytes"], "buckets": sent["buckets"], "setup_s": t_setup - t0}
-    else:
-        raise ValueError(f"sync_weights: transport must be 'object_store' or 'collective', got {transport!r}")
     total = time.perf_counter() - t0
     return {
         "transport": transport,
@@ -647,7 +769,8 @@ def sync_weights(
 
 
 __all__ = [
-    "BufferPool", "DEFAULT_BUCKET_MB", "WeightGroup", "WeightSenderMixin", "WeightSourceActor", "broadcast_weights",
-    "consume_buckets", "export_weights_object_store", "hf_param_name", "iter_broadcast_buckets",
-    "iter_object_store_buckets", "iter_packed_buckets", "named_full_parameters", "sync_weights", "weight_plan",
+    "BufferPool", "DEFAULT_BUCKET_MB", "SegmentSlots", "TRANSPORTS", "WeightGroup", "WeightSenderMixin",
+    "WeightSourceActor", "broadcast_weights", "consume_buckets", "hf_param_name", "iter_broadcast_buckets",
+    "iter_object_store_buckets", "iter_packed_buckets", "named_full_parameters", "open_bucket", "resolve_transport",
+    "stream_buckets", "sync_weights", "weight_plan",
 ]

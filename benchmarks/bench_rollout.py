@@ -9,11 +9,14 @@ returns them from sampling; the HF backend runs one extra forward pass). Torch r
 ``--threads`` intra-op threads for both (the rollout worker's default is 1).
 
     python -m benchmarks.bench_rollout [--json PATH] [--repeats 3] [--prompts 32]
-        [--samples 4] [--max-new-tokens 64] [--model tiny:policy] [--threads 1]
+        [--samples 4] [--max-new-tokens 64] [--model tiny:policy] [--threads 1] [--compare-prepack]
 
 Tokens/s = generated tokens (EOS included, prompts excluded) / wall seconds, median over
 ``--repeats`` timed calls after one warm-up call. JSON keys: ``vllm_tokens_per_s``,
-``hf_tokens_per_s``, ``speedup`` and the settings.
+``hf_tokens_per_s``, ``speedup`` and the settings. ``--compare-prepack`` also times
+vLLM with ``rollout.cpu_prepack_weights: true`` (the CPU kernels' repacked weights,
+faster GEMMs, slower weight syncs): ``vllm_prepacked_tokens_per_s``,
+``plain_over_prepacked``.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compare-prepack", action="store_true",
+                    help="also time vLLM with rollout.cpu_prepack_weights=true (oneDNN-repacked weights)")
     args = ap.parse_args(argv)
 
     import torch
@@ -87,10 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     prompts = synthetic.split_prompts(0)[0][: args.prompts]
     prompt_ids = [tok(render_prompt(tok, p.text), add_special_tokens=False)["input_ids"] for p in prompts]
 
+    import dataclasses
+
+    packed_cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, cpu_prepack_weights=True))
+    runs = [("hf", HFBackend, cfg)]
+    if args.compare_prepack:
+        # Before the default engine: keeping plain weights is a process-wide switch.
+        runs.append(("vllm_prepacked", VLLMBackend, packed_cfg))
+    runs.append(("vllm", VLLMBackend, cfg))
     res = {}
     # HF first, then vLLM: each backend is dropped before the next one loads.
-    for name, cls in (("hf", HFBackend), ("vllm", VLLMBackend)):
-        backend = cls(path, cfg, seed=0)
+    for name, cls, run_cfg in runs:
+        backend = cls(path, run_cfg, seed=0)
         res[name] = _measure(backend, prompt_ids, args, f"{name} generate")
         del backend
     result = {
@@ -103,11 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         "vllm_tokens_per_call": res["vllm"]["tokens_per_call"], "hf_tokens_per_call": res["hf"]["tokens_per_call"],
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
+    if "vllm_prepacked" in res:
+        result["vllm_prepacked_tokens_per_s"] = round(res["vllm_prepacked"]["tokens_per_s"], 1)
+        result["plain_over_prepacked"] = round(res["vllm"]["tokens_per_s"] / res["vllm_prepacked"]["tokens_per_s"], 3)
     print(f"rollout {args.model}: {args.prompts} prompts x {args.samples} samples, ≤{args.max_new_tokens} new tokens, "
           f"{args.threads} thread(s)")
-    for name in ("vllm", "hf"):
+    for name in [n for n in ("vllm", "vllm_prepacked", "hf") if n in res]:
         r = res[name]
-        print(f"  {name:5s} {r['tokens_per_s']:9.1f} tokens/s   ({r['tokens_per_call']:.0f} tokens in {r['median_s']:.2f} s)")
+        print(f"  {name:14s} {r['tokens_per_s']:9.1f} tokens/s   ({r['tokens_per_call']:.0f} tokens in {r['median_s']:.2f} s)")
     print(f"  vLLM / HF: {result['speedup']:.2f}x")
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)

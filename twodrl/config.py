@@ -73,10 +73,16 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5
     max_restarts: int = 2
     system_prompt: Optional[str] = None
-    # Learner → rollout weight sync (actors/weight_sync.py): "object_store" works on any
-    # Ray cluster; "collective" broadcasts over a gloo (CPU) / NCCL (GPU) group.
-    weight_sync: Literal["object_store", "collective"] = "object_store"
+    # Learner → rollout weight sync (actors/weight_sync.py): "shared_memory" (learner
+    # rank 0 and the workers on one node), "object_store" (any Ray cluster),
+    # "collective" (gloo on CPU / NCCL on GPU). "auto": NCCL on GPU clusters, else
+    # shared_memory when on one node, else object_store.
+    weight_sync: Literal["auto", "shared_memory", "object_store", "collective"] = "auto"
     weight_sync_bucket_mb: float = 64.0
+    # vLLM on CPU only: let its oneDNN kernels repack the linear weights. Generation is a
+    # few percent faster, but every weight sync then rebuilds the packed copies (a full
+    # reload instead of an in-place copy: ~5x slower sync, benchmarks/bench_weight_sync).
+    cpu_prepack_weights: bool = False
 
 
 @dataclass

@@ -4,10 +4,11 @@ A weight sync moves every parameter of the policy from the learner to each rollo
 engine. Sending one message per tensor costs one round trip (and one serialisation) per
 tensor — hundreds for a small model, thousands for a 7B one — so tensors are instead
 packed into a few large *buckets*: one flat, contiguous ``uint8`` buffer plus a list of
-:class:`TensorMeta` saying where each tensor lives inside it. A bucket is one
-``ray.put`` or one ``broadcast``; the receiver gets every tensor back as a *view* into
-the buffer (no copy) and hands the views to the inference engine, which copies them
-into its own parameters exactly once.
+:class:`TensorMeta` saying where each tensor lives inside it. A bucket is one object in
+Ray's store, one slice of a shared-memory segment (:class:`SharedSegment`) or one
+``broadcast``; the receiver gets every tensor back as a *view* into the buffer (no
+copy) and hands the views to the inference engine, which copies them into its own
+parameters exactly once.
 
 This module is pure torch (no Ray, no torch.distributed): the transports live in
 ``actors/weight_sync.py``.
@@ -25,11 +26,17 @@ Layout rules
 
 from __future__ import annotations
 
+import atexit
 import json
+import mmap
+import os
+import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
 ALIGN = 64  # bytes; ≥ the largest element size, and a cache line
@@ -117,9 +124,15 @@ def bucket_nbytes(metas: Sequence[TensorMeta]) -> int:
 def plan_buckets(
     specs: Iterable[tuple[str, torch.dtype | str, Sequence[int]]],
     bucket_bytes: int,
+    ramp: int = 0,
 ) -> list[list[TensorMeta]]:
     """Group tensors (given as ``(name, dtype, shape)``) into buckets of at most
     ``bucket_bytes`` (a tensor larger than that gets its own bucket), keeping order.
+
+    ``ramp`` > 0 caps the first buckets at ``bucket_bytes / 2**ramp``, then twice
+    that, … up to ``bucket_bytes``: with streamed buckets the receiver can start on a
+    small first bucket while the sender packs the next, instead of idling through a
+    whole big one.
 
     Planning needs only shapes, so a ZeRO-3 learner can plan from its partitioned
     parameters' full shapes and gather one bucket's worth of parameters at a time.
@@ -138,7 +151,8 @@ def plan_buckets(
         to_torch_dtype(dname)  # validate
         meta = TensorMeta(name, dname, tuple(int(s) for s in shape), 0)
         size = _align(meta.nbytes)
-        if current and used + size > bucket_bytes:
+        cap = max(1, bucket_bytes >> max(0, ramp - len(plans)))
+        if current and used + size > cap:
             plans.append(current)
             current, used = [], 0
         current.append(TensorMeta(meta.name, meta.dtype, meta.shape, used))
@@ -248,7 +262,7 @@ def metas_from_bytes(data: bytes) -> list[list[TensorMeta]]:
 def bucket_to_payload(bucket: Bucket) -> dict:
     """A picklable form whose buffer Ray stores out-of-band (zero-copy on get)."""
     flat = bucket.flat if bucket.flat.device.type == "cpu" else bucket.flat.cpu()
-    return {"flat": flat.numpy(), "metas": [m.to_json() for m in bucket.metas]}
+    return {"kind": "object_store", "flat": flat.numpy(), "metas": [m.to_json() for m in bucket.metas]}
 
 
 def bucket_from_payload(payload: dict) -> Bucket:
@@ -262,3 +276,158 @@ def bucket_from_payload(payload: dict) -> Bucket:
         warnings.filterwarnings("ignore", message=".*not writable.*")
         flat = torch.from_numpy(payload["flat"])
     return Bucket(flat, [TensorMeta.from_json(m) for m in payload["metas"]])
+
+
+# ------------------------------------------------------------------ shared memory
+# The same-node transport: one file in /dev/shm that the sender rewrites in place at
+# every sync and each receiver maps once. Ray's object store is shared memory too, but
+# every ray.put gets a fresh allocation, so each sync page-faults a new model's worth
+# of memory into the sender (~50k faults for 200 MB, costing several times the copy).
+# A segment that lives as long as the sender is faulted in once.
+
+_SEGMENT_PREFIX = "twodrl-wsync-"
+
+
+def shared_memory_dir() -> str:
+    """Where segments live: ``/dev/shm`` (RAM-backed) where it exists, else the temp
+    dir. ``TWODRL_SHM_DIR`` overrides (e.g. a bigger tmpfs in a container)."""
+    override = os.environ.get("TWODRL_SHM_DIR")
+    if override:
+        return override
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_segments(directory: Optional[str] = None) -> list[str]:
+    """Delete segments whose creating process is gone (a sender killed with -9 cannot
+    unlink its own). Names carry the creator's pid: ``twodrl-wsync-<pid>-<id>``."""
+    directory = directory or shared_memory_dir()
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(_SEGMENT_PREFIX):
+            continue
+        try:
+            pid = int(name[len(_SEGMENT_PREFIX) :].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+class SharedSegment:
+    """A file-backed shared-memory buffer exposed as a 1-D ``uint8`` tensor.
+
+    ``SharedSegment.create(n)`` makes a new segment (owner, writable; the space is
+    reserved up front with ``posix_fallocate`` so a full ``/dev/shm`` is a clear
+    ``OSError`` here instead of a SIGBUS in the middle of a copy).
+    ``SharedSegment.attach(path, n)`` maps an existing one read-only.
+    """
+
+    def __init__(self, path: str, nbytes: int, mm, tensor: torch.Tensor, owner: bool):
+        self.path = path
+        self.nbytes = nbytes
+        self._mm = mm
+        self.tensor = tensor
+        self.owner = owner
+
+    @classmethod
+    def create(cls, nbytes: int, directory: Optional[str] = None) -> "SharedSegment":
+        if nbytes <= 0:
+            raise ValueError(f"twodrl.weights.SharedSegment: size must be > 0, got {nbytes}")
+        directory = directory or shared_memory_dir()
+        sweep_stale_segments(directory)
+        path = os.path.join(directory, f"{_SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, nbytes)
+            except OSError as e:
+                os.unlink(path)
+                raise OSError(
+                    e.errno,
+                    f"cannot reserve {nbytes / 2**20:.0f} MiB in {directory} for the weight-sync segment "
+                    f"({e.strerror}); give the container a bigger /dev/shm, set TWODRL_SHM_DIR, or use "
+                    f"rollout.weight_sync=object_store",
+                ) from None
+            mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        tensor = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes)
+        # Fault every page in now, once, rather than inside the first timed sync.
+        tensor.zero_()
+        # A normal exit removes the file; a killed process leaves it to the next
+        # sweep_stale_segments (run by every create).
+        atexit.register(_unlink_quietly, path)
+        return cls(path, nbytes, mm, tensor, owner=True)
+
+    @classmethod
+    def attach(cls, path: str, nbytes: int) -> "SharedSegment":
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"weight-sync segment {path} does not exist on this node: the learner's rank 0 and this "
+                f"rollout worker must share a node for rollout.weight_sync=shared_memory"
+            ) from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < nbytes:
+                raise ValueError(f"twodrl.weights.SharedSegment: {path} has {size} bytes, expected ≥ {nbytes}")
+            mm = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        with warnings.catch_warnings():
+            # Read-only mapping: receivers only read (the engine copies into its own
+            # parameters), so torch's non-writable warning does not apply.
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            tensor = torch.from_numpy(np.frombuffer(mm, dtype=np.uint8, count=nbytes))
+        return cls(path, nbytes, mm, tensor, owner=False)
+
+    def close(self) -> None:
+        """Unmap (and, for the owner, delete the file). Views must be gone by now;
+        if some still exist the mapping is left to the garbage collector."""
+        self.tensor = None  # type: ignore[assignment]
+        try:
+            self._mm.close()
+        except BufferError:
+            pass
+        if self.owner:
+            _unlink_quietly(self.path)
+
+
+def shared_bucket_descriptor(segment: SharedSegment, offset: int, metas: Sequence[TensorMeta]) -> dict:
+    """What a receiver needs to find one bucket inside a segment (small, picklable)."""
+    return {"kind": "shared_memory", "path": segment.path, "size": segment.nbytes, "offset": int(offset),
+            "metas": [m.to_json() for m in metas]}
+
+
+def bucket_from_segment(segment: SharedSegment, descriptor: dict) -> Bucket:
+    """The bucket a :func:`shared_bucket_descriptor` points at, as views of the mapping."""
+    metas = [TensorMeta.from_json(m) for m in descriptor["metas"]]
+    start = int(descriptor["offset"])
+    return Bucket(segment.tensor[start : start + bucket_nbytes(metas)], metas)

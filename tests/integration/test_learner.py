@@ -153,9 +153,9 @@ def test_zero3_matches_zero2_and_separate_reference(zero3, zero2, ray_cluster, t
     from actors.weight_sync import iter_object_store_buckets
     from twodrl.weights import iter_unpacked
 
-    export = group.export_weights_object_store(bucket_bytes=1 << 18)
-    assert len(export["refs"]) > 1  # really bucketed
-    exported = {n: t.clone() for n, t in iter_unpacked(iter_object_store_buckets(export["refs"]))}
+    refs = group.export_weights_object_store(bucket_bytes=1 << 18)
+    assert len(refs) > 1  # really bucketed
+    exported = {n: t.clone() for n, t in iter_unpacked(iter_object_store_buckets(refs))}
     assert exported.keys() == params.keys()
     for name, t in params.items():
         torch.testing.assert_close(exported[name], t, rtol=0, atol=0)

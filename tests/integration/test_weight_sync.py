@@ -1,9 +1,12 @@
 """Learner → rollout weight sync: after a change of weights and a sync, the rollout
 engines' per-token log-probs of fixed sequences equal the source's (float32, 1e-4), for
-both transports, for the vLLM and the Hugging Face backends at once."""
+every transport, for three receivers at once: vLLM loading in place (the default),
+vLLM with oneDNN-prepacked CPU weights (loaded through a full reload) and the Hugging
+Face backend."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 
@@ -26,13 +29,16 @@ def setup(ray_cluster, tiny_policy_path):
     cfg.rollout.num_cpus = 0.5
     source = WeightSourceActor.options(num_cpus=0.5).remote(tiny_policy_path)
     vllm_worker = RolloutWorker.options(num_cpus=0.5, name="ws-rollout-vllm").remote(cfg, 0, "vllm")
+    packed_cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, cpu_prepack_weights=True))
+    packed_worker = RolloutWorker.options(num_cpus=0.5, name="ws-rollout-vllm-packed").remote(packed_cfg, 2, "vllm")
     hf_worker = RolloutWorker.options(num_cpus=0.5, name="ws-rollout-hf", max_restarts=1).remote(cfg, 1, "hf")
-    ray.get([source.num_parameters.remote(), vllm_worker.ready.remote(), hf_worker.ready.remote()])
+    ray.get([source.num_parameters.remote(), vllm_worker.ready.remote(), hf_worker.ready.remote(),
+             packed_worker.ready.remote()])
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 1000) for _ in range(rng.randint(3, 9))] for _ in range(4)]
     responses = [[rng.randrange(3, 1000) for _ in range(rng.randint(2, 12))] for _ in range(4)]
-    yield ray, source, [vllm_worker, hf_worker], prompts, responses
-    for h in (source, vllm_worker, hf_worker):
+    yield ray, source, [vllm_worker, hf_worker, packed_worker], prompts, responses
+    for h in (source, vllm_worker, hf_worker, packed_worker):
         ray.kill(h)
 
 
@@ -41,7 +47,16 @@ def _max_diff(a, b):
     return max(abs(x - y) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
 
 
-@pytest.mark.parametrize("transport", ["object_store", "collective"])
+def test_weight_load_modes(setup):
+    """The default vLLM engine on CPU keeps plain weights and loads each bucket in
+    place; with cpu_prepack_weights its oneDNN kernels hold repacked copies, so it
+    reloads. (Each mode is then proven by the parity tests below.)"""
+    ray, _, workers, _, _ = setup
+    infos = ray.get([w.info.remote() for w in workers])
+    assert [i["weight_load"] for i in infos] == ["in_place", "in_place", "reload"]
+
+
+@pytest.mark.parametrize("transport", ["shared_memory", "object_store", "collective"])
 def test_parity_after_sync(setup, transport):
     from actors.weight_sync import sync_weights
 
@@ -60,7 +75,8 @@ def test_parity_after_sync(setup, transport):
     for got in after:
         assert _max_diff(got, expected) < TOL
     versions = ray.get([w.weights_version.remote() for w in workers])
-    assert versions == [stats["version"]] * 2
+    assert versions == [stats["version"]] * 3
+    assert stats["transport"] == transport
 
 
 def test_collective_group_rebuilt_after_worker_restart(setup):
@@ -92,7 +108,7 @@ def test_collective_group_rebuilt_after_worker_restart(setup):
     stats = sync_weights([source], workers, transport="collective", version=42)
     for got in ray.get([w.sequence_logprobs.remote(prompts, responses) for w in workers]):
         assert _max_diff(got, expected) < TOL
-    assert ray.get([w.weights_version.remote() for w in workers]) == [42, 42]
+    assert ray.get([w.weights_version.remote() for w in workers]) == [42, 42, 42]
     assert stats["version"] == 42
 
 
@@ -114,7 +130,7 @@ def test_parity_with_deepspeed_learner_after_training_step(setup, tiny_policy_pa
     learner = PolicyLearnerGroup(cfg)
     try:
         items = [{"prompt_token_ids": p, "response_token_ids": r} for p, r in zip(prompts, responses)]
-        for step, transport in enumerate(["object_store", "collective"]):
+        for step, transport in enumerate(["shared_memory", "object_store", "collective"]):
             before = ray.get([w.sequence_logprobs.remote(prompts, responses) for w in workers])
             learner.train_sft(
                 [{"prompt": "Tell me about the otter.", "response": "Otters live in rivers. They eat fish."}] * 4,
@@ -128,3 +144,21 @@ def test_parity_with_deepspeed_learner_after_training_step(setup, tiny_policy_pa
                 assert _max_diff(got, expected) < TOL, (transport, step)
     finally:
         learner.shutdown()
+
+
+def test_auto_transport_and_one_tensor_per_bucket(setup):
+    """On one node ``auto`` picks shared memory; with a 1-byte bucket size every tensor
+    is its own bucket and its own call (the benchmark's per-tensor baseline) and the
+    result is the same weights."""
+    from actors.weight_sync import sync_weights
+
+    ray, source, workers, prompts, responses = setup
+    ray.get(source.perturb.remote(scale=0.05, seed=11))
+    expected = ray.get(source.sequence_logprobs.remote(prompts, responses))
+    stats = sync_weights([source], workers, transport="auto", bucket_mb=1 / (1 << 20))
+    assert stats["transport"] == "shared_memory"
+    assert stats["buckets"] == stats["tensors"] == 27
+    for got in ray.get([w.sequence_logprobs.remote(prompts, responses) for w in workers]):
+        assert _max_diff(got, expected) < TOL
+    with pytest.raises(ValueError, match="rollout.weight_sync"):
+        sync_weights([source], workers, transport="carrier_pigeon")

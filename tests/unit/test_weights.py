@@ -136,6 +136,38 @@ def test_payload_roundtrip_shares_memory_with_numpy_buffer():
     assert bucket_from_payload(payload).flat.data_ptr() == arr.ctypes.data
 
 
+def test_shared_segment_round_trip_and_cleanup(tmp_path, monkeypatch):
+    """A bucket packed into an owner's segment reads back, bit for bit, through a
+    read-only attachment (what a rollout worker maps); closing the owner removes the
+    file; a segment left by a dead process is swept by the next create."""
+    from twodrl.weights import SharedSegment, bucket_from_segment, shared_bucket_descriptor, sweep_stale_segments
+
+    monkeypatch.setenv("TWODRL_SHM_DIR", str(tmp_path))
+    named = [("w", torch.randn(5, 7)), ("b", torch.randn(7).to(torch.bfloat16)), ("i", torch.arange(3))]
+    plans = plan_buckets(((n, t.dtype, t.shape) for n, t in named), 1 << 20)
+    size = bucket_nbytes(plans[0])
+    owner = SharedSegment.create(size + 128)
+    assert owner.path.startswith(str(tmp_path)) and (tmp_path / owner.path.split("/")[-1]).stat().st_mode & 0o077 == 0
+    pack_bucket(plans[0], [t for _, t in named], out=owner.tensor[128 : 128 + size])
+    desc = pickle.loads(pickle.dumps(shared_bucket_descriptor(owner, 128, plans[0])))
+    reader = SharedSegment.attach(desc["path"], desc["size"])
+    for (n, a), (m, b) in zip(named, unpack_bucket(bucket_from_segment(reader, desc))):
+        assert n == m and torch.equal(a, b)
+    # the reader sees the owner's next write without re-attaching (same pages)
+    owner.tensor[128 : 128 + size].zero_()
+    assert not bucket_from_segment(reader, desc).flat.any()
+    reader.close()
+    owner.close()
+    assert list(tmp_path.iterdir()) == []
+    # a segment named after a pid that no longer exists is stale
+    stale = tmp_path / "twodrl-wsync-999999999-deadbeef"
+    stale.write_bytes(b"x")
+    assert sweep_stale_segments(str(tmp_path)) == [stale.name]
+    assert not stale.exists()
+    with pytest.raises(FileNotFoundError, match="share a node"):
+        SharedSegment.attach(str(tmp_path / "missing"), 8)
+
+
 def test_tensor_meta_nbytes():
     assert TensorMeta("x", "bfloat16", (3, 4), 0).nbytes == 24
     assert TensorMeta("s", "float32", (), 0).nbytes == 4
@@ -239,3 +271,49 @@ def test_hf_param_name_strips_wrappers():
     assert hf_param_name("module.model.layers.0.mlp.up_proj.weight") == "model.layers.0.mlp.up_proj.weight"
     assert hf_param_name("_orig_mod.module.lm_head.weight") == "lm_head.weight"
     assert hf_param_name("model.embed_tokens.weight") == "model.embed_tokens.weight"
+
+
+@pytest.mark.parametrize("transport", ["shared_memory", "object_store"])
+def test_stream_buckets_descriptors_open_to_the_model_weights(transport, tmp_path, monkeypatch):
+    """The sender loop of the streamed transports, without Ray: every descriptor it
+    yields (pickled, as Ray does) opens on the receiver side to views that equal the
+    parameters; the shared-memory segment is reused by the next sync, not recreated."""
+    from actors.weight_sync import open_bucket, stream_buckets
+
+    monkeypatch.setenv("TWODRL_SHM_DIR", str(tmp_path))
+    model = _tiny_module()
+    segments = []
+
+    def segment_for(nbytes):
+        from twodrl.weights import SharedSegment
+
+        if not segments or segments[-1].nbytes < nbytes:
+            segments.append(SharedSegment.create(nbytes))
+        return segments[-1]
+
+    for step in range(2):
+        with torch.no_grad():
+            model[0].weight.add_(1.0)
+        descs = [pickle.loads(pickle.dumps(d)) for d in
+                 stream_buckets(model, transport, bucket_bytes=256, segment_for=segment_for)]
+        assert len(descs) > 1 and all(d["kind"] == transport for d in descs)
+        received = {n: v.clone() for d in descs for n, v in unpack_bucket(open_bucket(d))}
+        for name, p in model.named_parameters():
+            assert torch.equal(received[name], p.detach()), (step, name)
+    assert len(segments) == (1 if transport == "shared_memory" else 0)
+    # non-source ranks (no ZeRO-3 here) have nothing to gather and yield nothing
+    assert list(stream_buckets(model, transport, 256, rank=1, segment_for=segment_for)) == []
+    with pytest.raises(ValueError, match="transport"):
+        list(stream_buckets(model, "carrier_pigeon", 256))
+    for seg in segments:
+        seg.close()
+
+
+def test_plan_buckets_ramp_starts_small_then_full_size():
+    specs = [(f"t{i}", torch.float32, (256,)) for i in range(40)]  # 1 KiB each
+    flat = plan_buckets(specs, 8 << 10)
+    ramped = plan_buckets(specs, 8 << 10, ramp=3)
+    assert [len(b) for b in flat] == [8] * 5
+    assert [len(b) for b in ramped][:4] == [1, 2, 4, 8]  # 1/8, 1/4, 1/2, then full buckets
+    assert all(len(b) <= 8 for b in ramped)
+    assert [m.name for b in ramped for m in b] == [n for n, _, _ in specs]  # order kept
