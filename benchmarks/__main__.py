@@ -60,10 +60,14 @@ BENCHMARKS: tuple[Benchmark, ...] = (
                lambda r: r["max_abs_diff_float64"] <= 1e-6),
     )),
     Benchmark("weight_sync", "benchmarks.bench_weight_sync", (), ("--repeats", "2"), (
-        Figure("bucketed sync", "bucketed_s", "s"),
-        Figure("per-tensor sync", "per_tensor_s", "s"),
+        Figure("bucketed sync (shared memory)", "bucketed_s", "s"),
+        Figure("per-tensor sync (shared memory)", "per_tensor_s", "s"),
+        Figure("per-tensor sync (object store)", "per_tensor_object_store_s", "s"),
         Figure("copy bound", "copy_s", "s"),
+        Figure("reload path (prepacked CPU)", "reload_bucketed_s", "s"),
         Figure("per-tensor / bucketed", "speedup_vs_per_tensor", "x", "≥ 5", lambda r: r["speedup_vs_per_tensor"] >= 5),
+        Figure("per-tensor obj. store / bucketed", "speedup_vs_per_tensor_object_store", "x", "≥ 5",
+               lambda r: r["speedup_vs_per_tensor_object_store"] >= 5),
         Figure("bucketed / copy", "ratio_to_copy", "x", "≤ 3", lambda r: r["ratio_to_copy"] <= 3),
     )),
     Benchmark("rollout", "benchmarks.bench_rollout", (), ("--repeats", "1", "--prompts", "8"), (

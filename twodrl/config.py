@@ -81,7 +81,7 @@ class RolloutConfig:
     weight_sync_bucket_mb: float = 64.0
     # vLLM on CPU only: let its oneDNN kernels repack the linear weights. Generation is a
     # few percent faster, but every weight sync then rebuilds the packed copies (a full
-    # reload instead of an in-place copy: ~5x slower sync, benchmarks/bench_weight_sync).
+    # reload instead of an in-place copy: ~4x slower sync, benchmarks/bench_weight_sync).
     cpu_prepack_weights: bool = False
 
 
