@@ -818,6 +818,13 @@ class PolicyLearnerGroup:
             ray.get(list(stream))
         return refs
 
+    def close_weight_segments(self, timeout_s: float = 30.0) -> None:
+        """Remove the shared-memory weight-sync segment (best effort, for teardown)."""
+        try:
+            ray.get([r.close_weight_segment.remote() for r in self.ranks], timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - a dead rank's segment is swept by the next sync
+            pass
+
     def broadcast_weights(self, bucket_bytes: int = 64 << 20) -> dict:
         """Broadcast from rank 0 over a weight group set up by ``sync_weights``
         (transport ``collective``); all ranks take part."""

@@ -671,6 +671,10 @@ class OnlineDriver:
         return rows
 
     def shutdown(self) -> None:
+        if getattr(self, "learner", None) is not None:
+            # The learner's /dev/shm weight-sync segment: its actors may be killed
+            # with the cluster next, before their own exit handlers could remove it.
+            self.learner.close_weight_segments()
         if self.logger is not None:
             self.logger.finish()
         if self._stop_judge is not None:
