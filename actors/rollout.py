@@ -214,7 +214,8 @@ class VLLMWeightSyncExtension:
             try:
                 # First sync of these names: vLLM's loader runs (and really loads)
                 # while its copies are recorded and checked.
-                plan.add(record_copies(model.load_weights, named, model.parameters()), named)
+                state = [*model.parameters(), *model.buffers()]  # everything a loader may write
+                plan.add(record_copies(model.load_weights, named, state), named)
             except NotReplayable as e:
                 self._twodrl_plan_off = str(e)
                 logger.warning("rollout: weight syncs keep using vLLM's load_weights (%s)", e)

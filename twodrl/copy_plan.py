@@ -137,8 +137,10 @@ def record_copies(
     parameters: Iterable[torch.Tensor],
 ) -> dict[str, list[RecordedCopy]]:
     """Run ``load(named)`` (it really loads) while recording its copies, then check the
-    recording against the result (see the module docstring). Returns the copies per
-    name; raises :class:`NotReplayable` when they would not reproduce the load."""
+    recording against the result (see the module docstring). ``parameters``: every
+    tensor the loader may write (an engine's parameters and buffers). Returns the
+    copies per name; raises :class:`NotReplayable` when they would not reproduce the
+    load."""
     params = list(parameters)
     storages = {p.untyped_storage().data_ptr() for p in params}
     sources = []
