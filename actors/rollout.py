@@ -200,11 +200,16 @@ class VLLMWeightSyncExtension:
 
         from twodrl.copy_plan import CopyPlan, NotReplayable, record_copies
 
-        named = list(weights)  # views into the received buffer: no copy yet
         plan = self.__dict__.setdefault("_twodrl_plan", CopyPlan())
-        if plan.covers(named):
-            # Every later sync: the recorded copies only (twodrl.copy_plan).
-            plan.replay(named)
+        named = []  # views into the received buffers, for the loader: no copy yet
+        for item in weights:
+            if plan.covers([item]):
+                # Every later sync: the recorded copies only (twodrl.copy_plan), as
+                # the tensors arrive.
+                plan.replay([item])
+            else:
+                named.append(item)
+        if not named:
             return
         model = self.get_model()
         with set_current_vllm_config(self.vllm_config), torch.no_grad():
