@@ -81,8 +81,14 @@ def test_generate_consistent_ids_logprobs_text(ray_cluster, workers, cfg, tiny_p
     again = ray.get(worker.sequence_logprobs.remote(prompts, responses))
     sampled = [s["logprobs"] for r in out for s in r["samples"]]
     assert max(abs(a - b) for xs, ys in zip(sampled, again) for a, b in zip(xs, ys)) < 1e-4
-    # same seed → same samples; defaults from the config (4 samples per prompt)
-    assert ray.get(worker.generate.remote(REQUESTS[:1], n=3, seed=11))[0]["samples"] == out[0]["samples"]
+    # same seed → same samples, here in a smaller batch: the same tokens, text and
+    # finish reasons; log-probs equal up to float32 rounding (a different batch size
+    # changes how the matrix products are blocked, hence the last bits)
+    alone = ray.get(worker.generate.remote(REQUESTS[:1], n=3, seed=11))[0]["samples"]
+    for a, b in zip(alone, out[0]["samples"], strict=True):
+        assert {k: v for k, v in a.items() if k != "logprobs"} == {k: v for k, v in b.items() if k != "logprobs"}
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"], strict=True)) < 1e-5
+    # defaults from the config (4 samples per prompt)
     assert len(ray.get(worker.generate.remote(REQUESTS[:1]))[0]["samples"]) == cfg.rollout.samples_per_prompt
 
 
