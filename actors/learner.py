@@ -46,7 +46,7 @@ from actors.common import (
     validate_placement,
     wait_placement_group,
 )
-from actors.weight_sync import WeightSenderMixin
+from actors.weight_sync import WeightSenderMixin, stream_from_learners
 from twodrl.config import ConfigError, LearnerConfig, ModelConfig, RunConfig
 from twodrl.objectives import PREFERENCE_ALGORITHMS
 
@@ -811,12 +811,7 @@ class PolicyLearnerGroup:
         rank 0 (every rank takes part: ZeRO-3 gathers are collective); read them with
         ``actors.weight_sync.iter_object_store_buckets``. For pushing weights into
         rollout workers use ``actors.weight_sync.sync_weights(group, workers)``."""
-        streams = [r.stream_weights.options(num_returns="streaming").remote("object_store", bucket_bytes)
-                   for r in self.ranks]
-        refs = list(streams[0])
-        for stream in streams[1:]:
-            ray.get(list(stream))
-        return refs
+        return list(stream_from_learners(self.ranks, "object_store", bucket_bytes))
 
     def close_weight_segments(self, timeout_s: float = 30.0) -> None:
         """Remove the shared-memory weight-sync segment (best effort, for teardown)."""

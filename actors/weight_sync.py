@@ -120,16 +120,15 @@ def _sync_dtype(p: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.dtype:
 
 
 def weight_plan(
-    model: torch.nn.Module, bucket_bytes: int, dtype: Optional[torch.dtype] = None, ramp: Optional[int] = None
+    model: torch.nn.Module, bucket_bytes: int, dtype: Optional[torch.dtype] = None
 ) -> tuple[list, dict[str, torch.Tensor]]:
     """The bucket plan for ``model``'s parameters and a name → parameter map. Identical
     on every learner rank (it depends only on names, full shapes and dtypes). Buckets
     ramp up in size (:data:`BUCKET_RAMP`) so that receivers start loading early."""
-    ramp = BUCKET_RAMP if ramp is None else ramp
     named = [(hf_param_name(n), p) for n, p in model.named_parameters()]
     if not named:
         raise ValueError(f"weight_sync: {type(model).__name__} has no parameters to sync")
-    plans = plan_buckets(((n, _sync_dtype(p, dtype), _full_shape(p)) for n, p in named), bucket_bytes, ramp)
+    plans = plan_buckets(((n, _sync_dtype(p, dtype), _full_shape(p)) for n, p in named), bucket_bytes, BUCKET_RAMP)
     return plans, dict(named)
 
 
@@ -165,12 +164,13 @@ def iter_packed_buckets(
     dtype: Optional[torch.dtype] = None,
     device: Optional[torch.device] = None,
     pool: Optional[BufferPool] = None,
+    plan: Optional[tuple[list, dict[str, torch.Tensor]]] = None,
 ) -> Iterator[Optional[Bucket]]:
     """Yield one packed :class:`Bucket` per planned bucket (``None`` where ``pack`` is
     False: non-source ZeRO-3 ranks still have to take part in every gather). With a
     ``pool`` the buckets are packed into reused buffers: consume each bucket before
-    the next sync."""
-    plans, by_name = weight_plan(model, bucket_bytes, dtype)
+    the next sync. ``plan``: :func:`weight_plan`'s result, when the caller has it."""
+    plans, by_name = plan or weight_plan(model, bucket_bytes, dtype)
     zero3 = _is_zero3(list(by_name.values()))
     if not pack and not zero3:
         return  # nothing to gather, nothing to send
@@ -251,11 +251,12 @@ def stream_buckets(
         return
     if segment_for is None:
         raise ValueError("weight_sync.stream_buckets: shared_memory needs segment_for")
-    plans, _ = weight_plan(model, bucket_bytes, dtype)
-    offsets = list(itertools.accumulate((bucket_nbytes(p) for p in plans), initial=0))
+    plan = weight_plan(model, bucket_bytes, dtype)
+    offsets = list(itertools.accumulate((bucket_nbytes(p) for p in plan[0]), initial=0))
     segment = segment_for(offsets[-1])
     slots = SegmentSlots(segment, offsets)
-    for i, bucket in enumerate(iter_packed_buckets(model, bucket_bytes, dtype=dtype, device="cpu", pool=slots)):
+    buckets = iter_packed_buckets(model, bucket_bytes, dtype=dtype, device="cpu", pool=slots, plan=plan)
+    for i, bucket in enumerate(buckets):
         yield shared_bucket_descriptor(segment, offsets[i], bucket.metas)
 
 
@@ -402,7 +403,8 @@ def broadcast_weights(
         return None
     if group is None:
         raise RuntimeError("weight_sync.broadcast_weights: learner rank 0 has no weight group; call init_weight_group first")
-    plans, _ = weight_plan(model, bucket_bytes, dtype)
+    plan = weight_plan(model, bucket_bytes, dtype)
+    plans = plan[0]
     t0 = time.perf_counter()
     header = torch.frombuffer(bytearray(metas_to_bytes(plans)), dtype=torch.uint8)
     size = torch.tensor([header.numel()], dtype=torch.int64, device=group.device)
@@ -413,7 +415,8 @@ def broadcast_weights(
     pending = None
     # Double buffering: bucket i+1 is gathered and packed while bucket i is on the
     # wire (every bucket index has its own buffer, so nothing in flight is overwritten).
-    for bucket in iter_packed_buckets(model, bucket_bytes, pack=True, dtype=dtype, device=group.device, pool=pool):
+    for bucket in iter_packed_buckets(model, bucket_bytes, pack=True, dtype=dtype, device=group.device, pool=pool,
+                                      plan=plan):
         if pending is not None:
             t = time.perf_counter()
             pending.wait()
@@ -663,6 +666,18 @@ def _ensure_collective(learners: list, workers: list, backend: str, timeout_s: f
     return state
 
 
+def stream_from_learners(learners: list, transport: str, bucket_bytes: int,
+                         timeout_s: Optional[float] = None) -> Iterator[Any]:
+    """Start :meth:`WeightSenderMixin.stream_weights` on every learner rank and yield
+    rank 0's bucket refs as they are packed; then wait for the other ranks (under
+    ZeRO-3 they only take part in the gathers) so their errors surface."""
+    streams = [r.stream_weights.options(num_returns="streaming").remote(transport, bucket_bytes)
+               for r in learners]
+    yield from streams[0]
+    for stream in streams[1:]:
+        ray.get(list(stream), timeout=timeout_s)
+
+
 TRANSPORTS = ("auto", "shared_memory", "object_store", "collective")
 
 
@@ -727,21 +742,17 @@ def sync_weights(
     transport = resolve_transport(transport, learners, workers)
     stats: dict[str, Any] = {}
     if transport in ("object_store", "shared_memory"):
-        streams = [r.stream_weights.options(num_returns="streaming").remote(transport, bucket_bytes)
-                   for r in learners]
         pending = []
-        for ref in streams[0]:
+        for ref in stream_from_learners(learners, transport, bucket_bytes, timeout_s):
             # A top-level ObjectRef argument is resolved before the call runs: the
             # worker gets the descriptor (for object_store, a zero-copy view of the
             # bucket in the node's store). Calls to one actor run in submission order.
             pending.extend(w.load_weight_bucket.remote(ref) for w in workers)
-        for stream in streams[1:]:  # ZeRO-3 ranks gather only; surface their errors
-            ray.get(list(stream), timeout=timeout_s)
         send_s = time.perf_counter() - t0
         finishes = [w.finish_weight_update.remote(version) for w in workers]
         ray.get(pending, timeout=timeout_s)  # a failed bucket load surfaces here
         loads = ray.get(finishes, timeout=timeout_s)
-        del pending, streams  # the object-store buckets can go now
+        del pending  # the object-store buckets can go now
         stats = {"bytes": loads[0]["bytes"], "buckets": loads[0]["buckets"]}
     elif transport == "collective":
         if backend is None:
@@ -772,5 +783,5 @@ __all__ = [
     "BufferPool", "DEFAULT_BUCKET_MB", "SegmentSlots", "TRANSPORTS", "WeightGroup", "WeightSenderMixin",
     "WeightSourceActor", "broadcast_weights", "consume_buckets", "hf_param_name", "iter_broadcast_buckets",
     "iter_object_store_buckets", "iter_packed_buckets", "named_full_parameters", "open_bucket", "resolve_transport",
-    "stream_buckets", "sync_weights", "weight_plan",
+    "stream_buckets", "stream_from_learners", "sync_weights", "weight_plan",
 ]

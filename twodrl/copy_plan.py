@@ -43,6 +43,10 @@ class RecordedCopy:
     size: tuple[int, ...]
     stride: tuple[int, ...]
 
+    def source_view(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The recorded source view, taken of ``tensor`` (this sync's incoming tensor)."""
+        return tensor.as_strided(self.size, self.stride, tensor.storage_offset() + self.offset)
+
 
 @dataclass(frozen=True)
 class _Source:
@@ -118,9 +122,8 @@ class CopyPlan:
     def replay(self, named: Iterable[tuple[str, torch.Tensor]]) -> int:
         count = 0
         for name, tensor in named:
-            base = tensor.storage_offset()
             for c in self.copies[name]:
-                c.dst.copy_(tensor.as_strided(c.size, c.stride, base + c.offset))
+                c.dst.copy_(c.source_view(tensor))
             count += 1
         return count
 
@@ -165,7 +168,7 @@ def record_copies(
     for name, t in named:
         for c in copies[name]:
             replayed = torch.empty_like(c.dst)
-            replayed.copy_(t.as_strided(c.size, c.stride, t.storage_offset() + c.offset))
+            replayed.copy_(c.source_view(t))
             if not torch.equal(replayed, c.dst):
                 raise NotReplayable(f"replaying the copies of {name!r} does not reproduce the loaded values")
     return copies
