@@ -44,10 +44,10 @@ from actors.weight_sync import (
     iter_broadcast_buckets,
     open_bucket,
 )
+from twodrl.config import RunConfig
 from twodrl.weights import TensorMeta, iter_unpacked, unpack_bucket
 
 logger = logging.getLogger(__name__)
-from twodrl.config import RunConfig
 
 
 # --------------------------------------------------------------------------- helpers
@@ -123,8 +123,9 @@ class RolloutBackend(Protocol):
         """Complete the update: load anything held, drop caches of the old weights."""
 
     def weight_load_mode(self) -> str:
-        """``in_place`` (each bucket copied into the live parameters on arrival) or
-        ``reload`` (held, then one re-packing reload at finish)."""
+        """``in_place`` (each bucket copied into the live parameters on arrival; with
+        ``/replay`` once the loader's copies are recorded) or ``reload`` (held, then one
+        re-packing reload at finish)."""
 
     def weight_group_ranks(self) -> int:
         """How many ranks this engine contributes to a weight group (its TP size)."""
@@ -157,7 +158,13 @@ class VLLMWeightSyncExtension:
         return len(bucket.metas)
 
     def twodrl_weight_load_mode(self) -> str:
-        return "in_place" if self._twodrl_in_place() else "reload"
+        """``reload``, ``in_place`` (vLLM's loader on every sync) or ``in_place/replay``
+        (its recorded copies, once a sync has recorded them)."""
+        if not self._twodrl_in_place():
+            return "reload"
+        plan = self.__dict__.get("_twodrl_plan")
+        replaying = plan is not None and plan.copies and not self.__dict__.get("_twodrl_plan_off")
+        return "in_place/replay" if replaying else "in_place"
 
     def twodrl_finish_update(self) -> None:
         held = self.__dict__.pop("_twodrl_held", [])

@@ -49,11 +49,17 @@ def _max_diff(a, b):
 
 def test_weight_load_modes(setup):
     """The default vLLM engine on CPU keeps plain weights and loads each bucket in
-    place; with cpu_prepack_weights its oneDNN kernels hold repacked copies, so it
-    reloads. (Each mode is then proven by the parity tests below.)"""
-    ray, _, workers, _, _ = setup
+    place; after its first sync it replays the recorded copies of vLLM's loader. With
+    cpu_prepack_weights its oneDNN kernels hold repacked copies, so it reloads. (Each
+    mode is then proven by the parity tests below.)"""
+    from actors.weight_sync import sync_weights
+
+    ray, source, workers, _, _ = setup
     infos = ray.get([w.info.remote() for w in workers])
     assert [i["weight_load"] for i in infos] == ["in_place", "in_place", "reload"]
+    sync_weights([source], workers, transport="shared_memory", bucket_mb=0.25)
+    infos = ray.get([w.info.remote() for w in workers])
+    assert [i["weight_load"] for i in infos] == ["in_place/replay", "in_place", "reload"]
 
 
 @pytest.mark.parametrize("transport", ["shared_memory", "object_store", "collective"])
