@@ -441,7 +441,7 @@ class Comparison:
         self.reset(name, algorithm, beta, weights)
         # Sanity check of the reset: greedy eval of the restored policy must reproduce
         # the round-0 eval (same weights, same prompts, greedy decoding).
-        reset_eval = self.driver.evaluate()["eval/reward/weighted"]
+        reset_eval = self.driver.evaluate(0)["eval/reward/weighted"]
         rows = [_keep(self.driver.run_round(r)) for r in range(1, self.args.rounds + 1)]
         return {"algorithm": algorithm, "beta": beta, "weights": weights, "rows": rows, "reset_eval_weighted": reset_eval,
                 "seconds": time.perf_counter() - t0}

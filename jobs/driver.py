@@ -12,14 +12,16 @@ One round (2D-DPO, paper Appendix D), read top to bottom in :meth:`OnlineDriver.
     sync weights learner → rollout workers              # bucketed, in place
     evaluate held-out prompts (greedy), checkpoint, log
 
-Round 0 prepares the run: a short SFT warm start of the policy (the synthetic task
-builds it) and the first 2D reward model, trained on judge annotations; its
-``eval/*`` metrics measure the warm-started policy *before* any preference training
-(the baseline), then it runs a normal round. In round k ≥ 1, ``eval/*`` is measured
-after that round's training and weight sync.
+Round 0 prepares the run: an SFT warm start of the policy when the task offers
+warm-start data, and the first 2D reward model, trained on judge annotations when
+``scorer.rm_train_responses`` > 0; its ``eval/*`` metrics measure that policy *before*
+any preference training (the baseline, and the side every later win rate is judged
+against), then it runs a normal round. In round k ≥ 1, ``eval/*`` is measured after
+that round's training and weight sync, every ``eval.every_rounds`` rounds.
 
-The driver holds no model: it moves data between actors and calls the pure functions of
-:mod:`twodrl.rounds`. Scheduling is ``sync`` (stage after stage) or ``overlap`` (the
+The driver holds no model and knows no task: prompts and warm-start data come from a
+:class:`twodrl.tasks.Task`; it moves data between actors and calls the pure functions of
+:mod:`twodrl.rounds` and :mod:`twodrl.evaluation`. Scheduling is ``sync`` (stage after stage) or ``overlap`` (the
 rollout of round k+1 runs while the learner trains on round k, one round off-policy).
 """
 
@@ -40,7 +42,6 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from twodrl import synthetic
 from twodrl.checkpoint import (
     atomic_directory,
     latest_checkpoint,
@@ -51,7 +52,8 @@ from twodrl.checkpoint import (
 )
 from twodrl.config import RunConfig, dump_config, to_dict
 from twodrl.metrics import ray_metric_name, round_metric_keys
-from twodrl.rounds import PromptCursor, ScoredSample, agreement, reward_summary, select_pairs
+from twodrl.rounds import PromptCursor, ScoredSample, agreement, reward_summary, sample_rating, select_pairs
+from twodrl.tasks import Task, TaskPrompt, prepare_task
 from twodrl.tracking import MetricsLogger, plot_rewards, read_metrics, truncate_metrics
 
 
@@ -99,6 +101,17 @@ def connect_ray(cfg: RunConfig, namespace: str) -> str:
     return ray.get_runtime_context().gcs_address
 
 
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Readers (and a resumed run) see the old file or the new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -128,7 +141,8 @@ class OnlineDriver:
     """Builds the actors for a run and runs its rounds. Usable step by step from a
     notebook: ``d = OnlineDriver(cfg, run_dir); d.setup(); d.run_round(0); ...``."""
 
-    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool | None = None):
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
+                 task: Task | None = None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
@@ -141,9 +155,14 @@ class OnlineDriver:
         self.namespace = run_namespace(cfg)
         self.aspects = list(cfg.aspects.names)
         self.weights = list(cfg.aspects.weights)
-        self.train_prompts, self.eval_prompts = synthetic.split_prompts(cfg.seed)
-        self.eval_prompts = self.eval_prompts[: cfg.eval.num_prompts]
+        # The run's world (prompts, warm-start data); built and checked before any actor
+        # starts by jobs.online's preflight, or here for a notebook.
+        self.task = task if task is not None else prepare_task(cfg)
+        print(f"[twodrl] {self.task.describe()}", flush=True)
+        self.train_prompts: list[TaskPrompt] = self.task.train
+        self.eval_prompts: list[TaskPrompt] = self.task.eval[: cfg.eval.num_prompts]
         self.cursor = PromptCursor(len(self.train_prompts), seed=cfg.seed)
+        self.baseline: list[dict] | None = None  # round-0 eval responses, for win rates
         self.next_round = 0
         self.weights_version = 0
         self.planned_prompts = 0
@@ -190,14 +209,16 @@ class OnlineDriver:
             self._unlogged_row = None
 
     def _start_judge(self) -> None:
-        """The quickstart's judge: the rule-based OpenAI-compatible server, started here
-        on 127.0.0.1 unless the config names a real endpoint."""
-        if self.cfg.annotator.base_url is not None:
-            self.judge_url = self.cfg.annotator.base_url
+        """The judge endpoint: ``annotator.base_url`` when the config names one, else the
+        local rule-based server in the mode the task is rated by (the synthetic task),
+        started here on 127.0.0.1, else none (the reward model rates everything)."""
+        self.judge_url: str | None = self.cfg.annotator.base_url
+        if self.judge_url is not None or self.task.local_judge is None:
             return
         from twodrl.annotation.judge_server import start_judge_server
 
-        self.judge_url, self._stop_judge = start_judge_server(host="127.0.0.1", port=_free_port())
+        self.judge_url, self._stop_judge = start_judge_server(host="127.0.0.1", port=_free_port(),
+                                                              mode=self.task.local_judge)
 
     def _create_actors(self) -> None:
         from actors.annotator import create_annotators
@@ -212,7 +233,8 @@ class OnlineDriver:
         validate_placement(cfg)
         self.rollout_workers = create_rollout_workers(cfg, self.namespace)
         self.scorers = create_scorers(cfg, self.namespace)
-        self.annotators = create_annotators(cfg, self.namespace, base_url=self.judge_url, run_dir=self.run_dir)
+        self.annotators = (create_annotators(cfg, self.namespace, base_url=self.judge_url, run_dir=self.run_dir)
+                           if self.judge_url is not None else [])
         self.learner = PolicyLearnerGroup(cfg, self.namespace)
 
     def _restore(self, round_idx: int, path: Path) -> None:
@@ -232,6 +254,7 @@ class OnlineDriver:
         self.learner.load_checkpoint(str(path / "learner"))
         if (self.run_dir / "reward_model").is_dir():
             ray.get([s.load.remote(str(self.run_dir / "reward_model")) for s in self.scorers])
+        self.baseline = self._read_baseline()
         self._sync_weights()
         truncate_metrics(self.run_dir / "metrics.jsonl", round_idx)
         logged = {r.get("round") for r in read_metrics(self.run_dir / "metrics.jsonl")}
@@ -241,27 +264,42 @@ class OnlineDriver:
 
     # ------------------------------------------------------------------ stages
 
+    def _request(self, p: TaskPrompt, request_id: str) -> dict:
+        """A rollout request for a task prompt: its id in the round, the dataset's own
+        prompt id, the chat fields, and ``rollout.system_prompt`` where the prompt has
+        no system prompt of its own."""
+        req = {"id": request_id, "prompt_id": p.id, **p.request()}
+        if "system" not in req and self.cfg.rollout.system_prompt:
+            req["system"] = self.cfg.rollout.system_prompt
+        return req
+
     def _prompt_requests(self, picks: list[tuple[int, int]], round_idx: int) -> list[dict]:
-        reqs = []
-        for epoch, i in picks:
-            p = self.train_prompts[i]
-            reqs.append({"id": f"r{round_idx}-e{epoch}-p{i}", "prompt": p.text})
+        reqs = [self._request(self.train_prompts[i], f"r{round_idx}-e{epoch}-p{i}") for epoch, i in picks]
         if self.cfg.algorithm == "dpa-rsf":
-            self._attach_directions(reqs, round_idx)
+            reqs = self._attach_directions(reqs, round_idx)
         return reqs
 
-    def _attach_directions(self, requests: list[dict], round_idx: int) -> None:
-        """DPA: every prompt gets a sampled preference direction v, stated to the policy
-        in its system prompt (integer weights round(100·v))."""
+    def _attach_directions(self, requests: list[dict], round_idx: int) -> list[dict]:
+        """DPA: each prompt is asked ``dpa.directions_per_prompt`` times, each time
+        with its own sampled preference direction v stated in the system prompt
+        (integer weights round(100·v)), after the prompt's own system prompt."""
         from twodrl.dpa import direction_system_prompt, sample_directions
 
         dpa = self.cfg.dpa
+        per = dpa.directions_per_prompt
         gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + round_idx)
-        v = sample_directions(len(requests), k=len(dpa.objectives), generator=gen,
+        v = sample_directions(len(requests) * per, k=len(dpa.objectives), generator=gen,
                               angle_low=dpa.angle_low, angle_high=dpa.angle_high, dtype=torch.float64)
-        for req, direction in zip(requests, v):
-            req["system"] = direction_system_prompt(direction, dpa.objectives)
-            self._directions[req["id"]] = direction.tolist()
+        out = []
+        for n, req in enumerate(requests):
+            for j in range(per):
+                direction = v[n * per + j]
+                r = dict(req, id=req["id"] if per == 1 else f"{req['id']}-d{j}")
+                stated = direction_system_prompt(direction, dpa.objectives)
+                r["system"] = f"{req['system']}\n\n{stated}" if req.get("system") else stated
+                self._directions[r["id"]] = direction.tolist()
+                out.append(r)
+        return out
 
     def rollout(self, requests: list[dict], n: int, greedy: bool = False) -> tuple[list[list[ScoredSample]], dict]:
         """Generate ``n`` samples per request across the rollout workers; requests of a
@@ -382,55 +420,132 @@ class OnlineDriver:
                      version=self.weights_version)
         return time.perf_counter() - t0
 
-    def evaluate(self) -> dict:
-        """Greedy responses to held-out prompts, rated by the judge (the task's ground
-        truth) — or by the reward model when no judge is configured."""
-        reqs = [{"id": f"eval-{i}", "prompt": p.text} for i, p in enumerate(self.eval_prompts)]
+    def evaluate(self, round_idx: int) -> dict:
+        """Greedy responses to the held-out prompts, rated per aspect by the judge — or
+        by the reward model where no judge is configured or the judge failed on a
+        sample (``eval/rater`` and ``eval/judge_failures`` say which) — and, from round
+        1 on, the win rate against the round-0 policy's responses, judged pairwise in
+        both orders."""
+        reqs = [self._request(p, f"eval-{i}") for i, p in enumerate(self.eval_prompts)]
         groups, _ = self.rollout(reqs, n=1, greedy=True)
         samples = [g[0] for g in groups]
-        judged, _ = self.annotate(samples)
+        judged, _ = self.annotate(samples) if self.annotators else ([None] * len(samples), {})
         for s, j in zip(samples, judged):
             if j is not None:
                 s.segments, s.scores = j
         missing = [s for s, j in zip(samples, judged) if j is None]
         if missing:
             self.score(missing)
-        out = reward_summary(samples, self.weights, self.aspects, prefix="eval/reward")
+        out: dict[str, Any] = reward_summary(samples, self.weights, self.aspects, prefix="eval/reward")
         out["eval/mean_segments"] = sum(len(s.segments) for s in samples) / max(len(samples), 1)
+        out["eval/judge_failures"] = len(missing) if self.annotators else 0
+        out["eval/rater"] = ("reward_model" if not self.annotators or len(missing) == len(samples)
+                             else "judge+reward_model" if missing else "judge")
+        out["eval/weights_version"] = self.weights_version
         self.last_eval_samples = samples
+        if round_idx == 0 or self.baseline is None:
+            self._write_baseline(samples)
+        elif self.annotators:
+            out.update(self._win_rate(samples, round_idx))
         return out
+
+    def _win_rate(self, samples: list[ScoredSample], round_idx: int) -> dict:
+        from twodrl.evaluation import pair_outcome, win_rate
+
+        base = {b["id"]: b for b in self.baseline or []}
+        pairs = [(s, base[p.id]) for s, p in zip(samples, self.eval_prompts) if p.id in base]
+        items = []
+        for s, b in pairs:  # both orders: candidate first, then baseline first
+            items.append({"prompt": s.prompt, "history": s.history, "responses": [s.segments, b["segments"]]})
+            items.append({"prompt": s.prompt, "history": s.history, "responses": [b["segments"], s.segments]})
+        rated = self.judge_pairs(items)
+        outcomes = []
+        for k in range(len(pairs)):
+            first, second = rated[2 * k], rated[2 * k + 1]
+            if first is None or second is None:
+                outcomes.append(None)
+                continue
+            cand = [self._weighted(first[0]), self._weighted(second[1])]
+            bl = [self._weighted(first[1]), self._weighted(second[0])]
+            outcomes.append(pair_outcome(cand, bl))
+        return win_rate(outcomes, prefix="eval", seed=self.cfg.seed + round_idx)
+
+    def _weighted(self, by_aspect: dict) -> float:
+        rows = [list(r) for r in zip(*(by_aspect[a] for a in self.aspects))]
+        return sample_rating(ScoredSample("", "", "", [], rows), self.weights, self.aspects)[0]
+
+    def judge_pairs(self, items: list[dict]) -> list[list[dict] | None]:
+        """Judge ratings of segmented response pairs (``{"prompt", "history",
+        "responses": [segs_1, segs_2]}``) across the annotation actors: per item
+        ``[{aspect: [rating per segment]}, {…}]``, or None where the judge failed."""
+        shards = [list(range(k, len(items), len(self.annotators))) for k in range(len(self.annotators))]
+        outs = ray.get([a.annotate_pairs.remote([items[i] for i in shard])
+                        for a, shard in zip(self.annotators, shards) if shard])
+        rated: list[list[dict] | None] = [None] * len(items)
+        for shard, out in zip([sh for sh in shards if sh], outs):
+            for i, r in zip(shard, out):
+                if r.get("scores") is not None:
+                    rated[i] = r["scores"]
+        return rated
+
+    def _baseline_path(self) -> Path:
+        return self.run_dir / "eval" / "baseline.jsonl"
+
+    def _write_baseline(self, samples: list[ScoredSample]) -> None:
+        """The round-0 policy's eval responses, generated once: later rounds (and a
+        resumed run) are judged against exactly these."""
+        self.baseline = [{"id": p.id, "prompt": s.prompt, "text": s.text, "segments": s.segments}
+                         for s, p in zip(samples, self.eval_prompts)]
+        _atomic_write_text(self._baseline_path(), "".join(json.dumps(b) + "\n" for b in self.baseline))
+
+    def _read_baseline(self) -> list[dict] | None:
+        path = self._baseline_path()
+        if not path.exists():
+            return None
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def _eval_due(self, round_idx: int) -> bool:
+        """Round 0 (the baseline), every ``eval.every_rounds``-th round, and the last."""
+        every = self.cfg.eval.every_rounds
+        return round_idx == 0 or round_idx % every == 0 or round_idx == self.total_rounds - 1
 
     # ------------------------------------------------------------------ round 0
 
     def warm_start(self) -> dict:
-        """SFT the random-init policy on the task's mixed-quality responses, then train
-        the first 2D reward model on judge annotations of such responses. Either step is
-        skipped when its count is 0 (production runs start from an instruct policy and
-        a trained reward model)."""
+        """Round 0: SFT the policy on the task's warm-start data (skipped when the task
+        has none or ``task.sft_examples`` is 0: an instruct policy needs none), then
+        train the first 2D reward model on judge annotations (skipped when
+        ``scorer.rm_train_responses`` is 0: the scorer serves ``scorer.model.path``). The
+        annotated responses are the task's own when it has them, else the policy's own
+        responses to train prompts."""
         cfg = self.cfg
-        rng = random.Random(cfg.seed)
-        n = max(cfg.task.sft_examples, cfg.scorer.rm_train_responses)
-        examples = []
-        for i in range(n):
-            p = self.train_prompts[i % len(self.train_prompts)]
-            examples.append({"prompt": p.text, "response": synthetic.sample_response(rng, p.topic)})
+        examples = self.task.warm_start_examples(cfg.task.sft_examples) if cfg.task.sft_examples > 0 else []
         out: dict[str, Any] = {"time/train_s": 0.0, "time/sync_s": 0.0}
-        if cfg.task.sft_examples > 0:
+        out.update(self.task.stats)
+        if cfg.task.sft_examples > 0 and not examples:
+            print(f"[twodrl] {self.task.name} task: no warm-start data (task.sft_dataset), so no SFT in round 0: "
+                  "the policy is taken to be an instruct model", flush=True)
+        if examples:
             t0 = time.perf_counter()
-            sft = self.learner.train_sft(examples[: cfg.task.sft_examples], lr=cfg.task.sft_warmup_lr, epochs=cfg.task.sft_epochs)
+            sft = self.learner.train_sft(examples, lr=cfg.task.sft_warmup_lr, epochs=cfg.task.sft_epochs)
             out["time/train_s"] += time.perf_counter() - t0
             out.update({f"warmstart/{k.split('/')[-1]}": v for k, v in sft.items()})
             # DPO-style objectives measure the policy against the model the online
-            # rounds start from: the warm-started one, not the random init.
+            # rounds start from: the warm-started one, not the initial weights.
             self.learner.reset_reference()
             # Kept so a resumed run can rebuild the same reference model.
             self.learner.save_checkpoint(str(self.run_dir / "warmstart"))
             out["time/sync_s"] += self._sync_weights()
         if cfg.scorer.rm_train_responses > 0:
-            # Judge annotations for the reward model: warm-start responses, one per prompt.
+            n = cfg.scorer.rm_train_responses
+            responses = self.task.rm_training_responses(n)
+            if responses is None:
+                responses = self._policy_responses(n)
+            # Judge annotations for the reward model: one response per prompt.
             rm_samples = [
-                ScoredSample(prompt_id=f"rm-{i}", prompt=ex["prompt"], text=ex["response"], segments=[], scores=[])
-                for i, ex in enumerate(examples[: cfg.scorer.rm_train_responses])
+                ScoredSample(prompt_id=f"rm-{i}", prompt=ex["prompt"], text=ex["response"], segments=[], scores=[],
+                             history=ex.get("history"), system=ex.get("system"))
+                for i, ex in enumerate(responses[:n])
             ]
             judged, annotate_metrics = self.annotate(rm_samples)
             out.update(annotate_metrics)
@@ -438,7 +553,8 @@ class OnlineDriver:
             # The RM learns from single labelled responses; pair records are just the
             # container its trainer reads (both sides are used).
             records = [
-                {"prompt": a.prompt, "chosen": self._labelled(a, ja), "rejected": self._labelled(b, jb)}
+                {"prompt": a.prompt, "history": a.history or [], "chosen": self._labelled(a, ja),
+                 "rejected": self._labelled(b, jb)}
                 for (a, ja), (b, jb) in zip(labelled[0::2], labelled[1::2])
             ]
             t0 = time.perf_counter()
@@ -450,6 +566,15 @@ class OnlineDriver:
             out["time/train_s"] += time.perf_counter() - t0
             out.update({f"rm_train/{k.split('/')[-1]}": v for k, v in rm_metrics.items() if isinstance(v, (int, float))})
         return out
+
+    def _policy_responses(self, n: int) -> list[dict]:
+        """One sampled response of the current policy to each of ``n`` train prompts
+        (cycling through the pool), for the first reward model's annotations."""
+        prompts = [self.train_prompts[i % len(self.train_prompts)] for i in range(n)]
+        reqs = [self._request(p, f"rm-{i}") for i, p in enumerate(prompts)]
+        groups, _ = self.rollout(reqs, n=1)
+        return [{"prompt": r["prompt"], "response": g[0].text, "history": r.get("history"), "system": r.get("system")}
+                for r, g in zip(reqs, groups)]
 
     def _labelled(self, sample: ScoredSample, judged: tuple) -> dict:
         segments, scores = judged
@@ -464,12 +589,12 @@ class OnlineDriver:
         requests = self._prompt_requests(picks, round_idx)
         # Which prompts the round drew, for auditing the cursor: a resumed run redraws
         # the interrupted round's prompts from the checkpointed cursor and rewrites this.
+        # ``id`` is the task's own prompt id (a dataset row's), ``request`` the round's.
         out = self.run_dir / "rounds" / f"round-{round_idx:04d}.prompts.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"round": round_idx, "prompts": [
-            {"epoch": e, "index": i, "id": r["id"]} for (e, i), r in zip(picks, requests)]}, indent=1))
-        os.replace(tmp, out)
+        drawn = [self.train_prompts[i] for _, i in picks]
+        _atomic_write_text(out, json.dumps({"round": round_idx, "prompts": [
+            {"epoch": e, "index": i, "id": p.id, "prompt": p.text, "request": f"r{round_idx}-e{e}-p{i}"}
+            for (e, i), p in zip(picks, drawn)]}, indent=1))
         return requests
 
     def run_round(self, round_idx: int, pending: futures.Future | None = None) -> dict:
@@ -485,7 +610,7 @@ class OnlineDriver:
             stage_time += m["time/train_s"] + m["time/sync_s"] + m.get("time/annotate_s", 0.0)
             # Round 0's eval is the baseline: the policy the online rounds start from.
             t0 = time.perf_counter()
-            eval_metrics = self.evaluate()
+            eval_metrics = self.evaluate(round_idx)
             self._write_samples(round_idx)
             stage_time += time.perf_counter() - t0
 
@@ -499,9 +624,11 @@ class OnlineDriver:
         groups, rollout_metrics = pending.result()
         stage_time += rollout_metrics["time/rollout_s"] if staleness == 0 else 0.0
         samples = [s for g in groups for s in g]
-        self.completed_prompts += len(groups)
+        # DPA asks a prompt once per direction: count prompts, not requests.
+        n_prompts = len({s.prompt_id.split("-d")[0] for s in samples}) if cfg.algorithm == "dpa-rsf" else len(groups)
+        self.completed_prompts += n_prompts
         metrics.update(rollout_metrics)
-        metrics.update({"rollout/prompts": len(groups), "rollout/samples": len(samples), "rollout/staleness": staleness})
+        metrics.update({"rollout/prompts": n_prompts, "rollout/samples": len(samples), "rollout/staleness": staleness})
 
         next_pending = None
         self._next_requests = None
@@ -515,7 +642,7 @@ class OnlineDriver:
         metrics["time/score_s"] = self.score(samples)
         stage_time += metrics["time/score_s"]
         audit = [s for s in samples if random.random() < cfg.annotator.fraction]
-        judged, annotate_metrics = self.annotate(audit) if audit else ([], {"time/annotate_s": 0.0, "annotate/requests": 0, "annotate/failures": 0, "annotate/cost_usd": 0.0})
+        judged, annotate_metrics = self.annotate(audit) if audit and self.annotators else ([], {"time/annotate_s": 0.0, "annotate/requests": 0, "annotate/failures": 0, "annotate/cost_usd": 0.0})
         for k, v in annotate_metrics.items():
             metrics[k] = metrics.get(k, 0) + v if k in metrics else v
         stage_time += annotate_metrics["time/annotate_s"]
@@ -535,10 +662,11 @@ class OnlineDriver:
         stage_time += sync_s
 
         t0 = time.perf_counter()
-        if round_idx > 0:  # after this round's training
-            eval_metrics = self.evaluate()
+        if round_idx > 0 and self._eval_due(round_idx):  # after this round's training
+            eval_metrics = self.evaluate(round_idx)
             self._write_samples(round_idx)
-        metrics.update(eval_metrics)
+        if round_idx == 0 or self._eval_due(round_idx):
+            metrics.update(eval_metrics)
         metrics["time/eval_s"] = time.perf_counter() - t0
         stage_time += metrics["time/eval_s"]
 
@@ -588,12 +716,18 @@ class OnlineDriver:
             {"prompt": g[int(i)].prompt, "response": g[int(i)].text, "system": g[int(i)].system}
             for g, i in zip(groups, winners.index.tolist()) if i >= 0
         ]
-        # Replay a share of the original (warm-start) data so fine-tuning on its own
-        # samples does not drift away from what the policy could already do.
+        # Replay a share of the task's original (warm-start) data so fine-tuning on its
+        # own samples does not drift away from what the policy could already do; a task
+        # without such data replays nothing (said once, in the log).
         n_replay = round(len(examples) * dpa.replay_fraction / max(1e-9, 1 - dpa.replay_fraction))
+        if not self.task.has_replay:
+            if n_replay and not getattr(self, "_said_no_replay", False):
+                print(f"[twodrl] dpa: the {self.task.name} task has no warm-start data (task.sft_dataset): "
+                      "no replay", flush=True)
+                self._said_no_replay = True
+            n_replay = 0
         for _ in range(n_replay):
-            p = self._replay_rng.choice(self.train_prompts)
-            examples.append({"prompt": p.text, "response": synthetic.sample_response(self._replay_rng, p.topic)})
+            examples.append(self.task.replay_example(self._replay_rng))
         out = self.learner.train_sft(examples, epochs=self.cfg.learner.epochs_per_round)
         out["train/winners"] = len(examples) - n_replay
         out["train/replay"] = n_replay
@@ -604,10 +738,10 @@ class OnlineDriver:
         """Held-out responses of the round with their segment × aspect ratings, to read
         what the policy actually says (``RUN_DIR/samples/round-000K.jsonl``)."""
         out = self.run_dir / "samples" / f"round-{round_idx:04d}.jsonl"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w") as f:
-            for s in self.last_eval_samples:
-                f.write(json.dumps({"prompt": s.prompt, "text": s.text, "segments": s.segments, "scores": s.scores}) + "\n")
+        _atomic_write_text(out, "".join(
+            json.dumps({"id": p.id, "prompt": s.prompt, "history": s.history, "system": s.system, "text": s.text,
+                        "segments": s.segments, "scores": s.scores}) + "\n"
+            for s, p in zip(self.last_eval_samples, self.eval_prompts)))
 
     def _log(self, metrics: dict) -> dict:
         """Called after the round's checkpoint, which also holds the round's metrics: on

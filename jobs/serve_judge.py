@@ -1,12 +1,15 @@
 """``twodrl serve-judge``: the local rule-based judge over OpenAI-compatible HTTP.
 
-    twodrl serve-judge [--host 127.0.0.1] [--port 8011] [--model NAME]
+    twodrl serve-judge [--host 127.0.0.1] [--port 8011] [--mode synthetic|generic] [--model NAME]
         [--fault-429 R] [--fault-500 R] [--fault-slow R] [--slow-s S]
         [--fault-malformed R] [--fault-wrong-count R] [--latency-s L]
         [--retry-after-s S] [--seed N]
 
 Point any OpenAI client at ``http://HOST:PORT/v1`` (any API key). Fault rates are
 per-request probabilities, for exercising clients against an unreliable judge.
+``--mode generic`` rates any English text with crude surface rules
+(:mod:`twodrl.annotation.generic_rules`): a stand-in for wiring tests on real
+prompts, not a quality judge.
 """
 
 from __future__ import annotations
@@ -14,14 +17,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from twodrl.annotation.judge_server import DEFAULT_MODEL, Faults, JudgeServer
+from twodrl.annotation.judge_server import MODES, Faults, JudgeServer, default_model
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Serve the rule-based judge (OpenAI chat-completions API).")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
     p.add_argument("--port", type=int, default=8011, help="port (0: any free port)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model name reported by /v1/models")
+    p.add_argument(
+        "--mode", choices=MODES, default="synthetic",
+        help="rule set: synthetic (the embedded animal task, default) or generic "
+             "(surface rules for any English text; a wiring stand-in, not a quality judge)",
+    )
+    p.add_argument(
+        "--model", default=None,
+        help=f"model name reported by /v1/models (default: {default_model('synthetic')}, "
+             f"or {default_model('generic')} with --mode generic)",
+    )
     p.add_argument("--fault-429", type=float, default=0.0, metavar="R", help="rate of 429 replies")
     p.add_argument("--fault-500", type=float, default=0.0, metavar="R", help="rate of 500 replies")
     p.add_argument("--fault-slow", type=float, default=0.0, metavar="R", help="rate of slow replies")
@@ -47,8 +59,9 @@ def main(argv: list[str], prog: str = "twodrl serve-judge") -> int:
         p.error(str(e))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"{prog}: warning: binding {args.host}: the judge is reachable from other machines", file=sys.stderr)
-    server = JudgeServer(args.host, args.port, faults, args.seed, model=args.model)
-    print(f"{prog}: serving {args.model} at {server.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    server = JudgeServer(args.host, args.port, faults, args.seed, model=args.model, mode=args.mode)
+    print(f"{prog}: serving {server.model} ({args.mode} rules) at {server.url} (Ctrl-C to stop)",
+          file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

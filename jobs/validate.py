@@ -2,8 +2,8 @@
 without starting anything.
 
 A ``.yaml``/``.yml`` file is read as a :class:`twodrl.config.RunConfig` (with
-``--set`` overrides); if its ``task.dataset`` names a dataset, that is validated too,
-against the config's aspects. Anything else is read as a dataset (JSONL, Parquet, a
+``--set`` overrides); the prompt, eval and SFT datasets its task names are read row by
+row too (a hub name this machine cannot reach is reported as not checked, plainly). Anything else is read as a dataset (JSONL, Parquet, a
 saved ``datasets`` directory or a hub name). The command prints ``OK: ...`` and exits 0,
 or prints the one error (file:line and field) and exits 1. ``--all`` reports every bad
 record instead of stopping at the first.
@@ -103,6 +103,47 @@ def main(argv: list[str], prog: str = "twodrl validate") -> int:
         f"OK: {target}: algorithm {cfg.algorithm}, {cfg.rounds} rounds, policy {cfg.policy.path}, "
         f"aspects {dict(zip(cfg.aspects.names, cfg.aspects.weights))}"
     )
-    if cfg.task.dataset and not args.skip_dataset:
-        return _check_dataset(cfg.task.dataset, tuple(cfg.aspects.names), "helpsteer2d", args.split, args.all, args.max_errors)
+    if not args.skip_dataset:
+        return _check_task_data(cfg)
     return 0
+
+
+def _check_task_data(cfg) -> int:
+    """Every dataset a config's task names, read with the config's field names."""
+    from twodrl.data import DataError
+    from twodrl.tasks import load_prompts, load_sft_examples
+
+    t = cfg.task
+    if t.name == "synthetic":
+        if t.dataset or t.eval_dataset or t.sft_dataset:
+            print("error: task.dataset / eval_dataset / sft_dataset are set but task.name is 'synthetic'; "
+                  "set task.name=dataset to use them", file=sys.stderr)
+            return 1
+        return 0
+    if not t.dataset:
+        print("error: task.name is 'dataset' but task.dataset names no prompt dataset", file=sys.stderr)
+        return 1
+    status = 0
+    for field, source, split in (("task.dataset", t.dataset, t.split), ("task.eval_dataset", t.eval_dataset, t.eval_split),
+                                 ("task.sft_dataset", t.sft_dataset, t.sft_split)):
+        if not source:
+            continue
+        local = Path(source).expanduser().exists()
+        try:
+            if field == "task.sft_dataset":
+                n, what = len(load_sft_examples(source, split, t.prompt_field, t.messages_field)), "SFT examples"
+            else:
+                prompts = load_prompts(source, split, t.prompt_field, t.messages_field)
+                n = len(prompts)
+                what = f"prompts ({sum(1 for p in prompts if p.history)} multi-turn)"
+            print(f"OK: {field} {source}[{split}]: {n} {what}")
+        except DataError as e:
+            if not local and "cannot load with datasets" in str(e):
+                # A hub name: nothing here says whether it exists or what its columns are.
+                print(f"NOT CHECKED: {field} {source}[{split}] is not a local path and could not be loaded from "
+                      f"here ({e}); its columns ({t.prompt_field!r} or {t.messages_field!r}) are checked when the "
+                      "job loads it on the cluster")
+            else:
+                print(f"error: {e}", file=sys.stderr)
+                status = 1
+    return status

@@ -3,6 +3,19 @@
 Every job reads its settings through :func:`load_config`. Errors name the file, the
 line and the dotted field, so a user can fix a typo without reading a traceback, and
 they are raised before any actor starts.
+
+Value ranges. Every numeric field (``int``, ``float``, their ``Optional`` forms and
+lists of them) declares its valid range where it is defined, with :func:`ranged`::
+
+    lr: float = ranged(5e-4, 0, 1, "(]")        # 0 < lr <= 1
+    rounds: int = ranged(4, 1)                  # rounds >= 1, no upper bound
+    weights: list[float] = ranged(low=0, high=1, default_factory=list)  # each item
+
+``low``/``high`` of ``None`` leave that side open; ``bounds`` says which ends are
+included. NaN is always refused and so is +-inf unless ``allow_inf=True``; ``None`` in
+an ``Optional`` field always passes. :func:`check_ranges` checks every declared range
+in one pass over the loaded config, so a new field only needs its ``ranged(...)``;
+``tests/unit/test_config_values.py`` fails for a numeric field that has none.
 """
 
 from __future__ import annotations
@@ -10,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +37,59 @@ class ConfigError(ValueError):
     """A configuration mistake; the message names where it is."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The valid values of one numeric field (see the module docstring)."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    bounds: str = "[]"  # "[]", "[)", "(]" or "()": which ends are included
+    allow_inf: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bounds not in ("[]", "[)", "(]", "()"):
+            raise ValueError(f"Range bounds must be one of [], [), (], (), got {self.bounds!r}")
+
+    def describe(self) -> str:
+        lo, hi = self.low, self.high
+        if lo is not None and hi is not None:
+            return f"in {self.bounds[0]}{_fmt_num(lo)}, {_fmt_num(hi)}{self.bounds[1]}"
+        if lo is not None:
+            return f"{'≥' if self.bounds[0] == '[' else '>'} {_fmt_num(lo)}"
+        if hi is not None:
+            return f"{'≤' if self.bounds[1] == ']' else '<'} {_fmt_num(hi)}"
+        return "a number"
+
+    def problem(self, value: float) -> Optional[str]:
+        """Why ``value`` is out of range (``None`` when it is fine)."""
+        if isinstance(value, float) and (math.isnan(value) or (math.isinf(value) and not self.allow_inf)):
+            return f"must be a finite number {self.describe()}"
+        lo, hi = self.low, self.high
+        too_low = lo is not None and (value < lo if self.bounds[0] == "[" else value <= lo)
+        too_high = hi is not None and (value > hi if self.bounds[1] == "]" else value >= hi)
+        return f"must be {self.describe()}" if too_low or too_high else None
+
+
+def _fmt_num(x: float) -> str:
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e16:
+        return str(int(x))
+    return f"{x:.6g}" if isinstance(x, float) else str(x)
+
+
+def ranged(
+    default: Any = dataclasses.MISSING,
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    bounds: str = "[]",
+    *,
+    allow_inf: bool = False,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A dataclass field with its valid range: ``ranged(default, low, high, bounds)``."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={"range": Range(low, high, bounds, allow_inf)})
+
+
 # --------------------------------------------------------------------------- schema
 
 
@@ -34,20 +101,33 @@ class ModelConfig:
     path: str = "tiny:policy"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False
-    max_length: int = 512
+    max_length: int = ranged(512, 1)  # prompt + response tokens
 
 
 @dataclass
 class TaskConfig:
-    """The prompt source. ``synthetic`` is the embedded default task."""
+    """Where a run's prompts (and optional warm-start data) come from: ``synthetic`` is
+    the embedded quickstart task; ``dataset`` reads a team's own prompt files
+    (:mod:`twodrl.tasks`)."""
 
-    name: str = "synthetic"
-    train_prompts: int = 512
-    eval_prompts: int = 32
-    dataset: Optional[str] = None  # JSONL / Parquet / hub name for real prompts
-    sft_examples: int = 384  # warm-start responses the task builds for round 0
-    sft_epochs: int = 2
-    sft_warmup_lr: float = 3e-3
+    name: Literal["synthetic", "dataset"] = "synthetic"
+    # Prompt datasets (task ``dataset``): a JSONL / Parquet file, a saved `datasets`
+    # directory, or a hub name with its split.
+    dataset: Optional[str] = None
+    split: str = "train"
+    eval_dataset: Optional[str] = None  # None: a seeded held-out split of `dataset`
+    eval_split: str = "test"
+    prompt_field: str = "prompt"  # a plain prompt string column (UltraFeedback: instruction)
+    messages_field: str = "messages"  # chat turns; the last user turn is the prompt
+    train_prompts: Optional[int] = ranged(None, 1)  # cap on the train pool; None: every prompt
+    eval_prompts: int = ranged(32, 1)  # size of the held-out split when there is no eval_dataset
+    # Round-0 warm start: SFT data (messages, or prompt + response) for a dataset task;
+    # the synthetic task builds its own mixed-quality responses.
+    sft_dataset: Optional[str] = None
+    sft_split: str = "train"
+    sft_examples: int = ranged(384, 0)  # warm-start examples used in round 0 (0: no warm start)
+    sft_epochs: int = ranged(2, 1)
+    sft_warmup_lr: float = ranged(3e-3, 0, 1, "(]")
 
 
 @dataclass
@@ -55,30 +135,30 @@ class AspectsConfig:
     names: list[str] = field(
         default_factory=lambda: ["helpfulness", "correctness", "safety", "completeness", "clarity"]
     )
-    weights: list[float] = field(default_factory=lambda: [0.3, 0.4, 0.1, 0.1, 0.1])
+    weights: list[float] = ranged(low=0, high=1, default_factory=lambda: [0.3, 0.4, 0.1, 0.1, 0.1])
 
 
 @dataclass
 class RolloutConfig:
     backend: Literal["vllm", "hf"] = "vllm"
-    num_workers: int = 1
-    prompts_per_round: int = 64
-    samples_per_prompt: int = 4
-    temperature: float = 0.7
-    top_p: float = 0.8
-    max_new_tokens: int = 96
-    num_gpus: float = 0.0
-    num_cpus: float = 0.25
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.5
-    max_restarts: int = 2
+    num_workers: int = ranged(1, 1)
+    prompts_per_round: int = ranged(64, 1, 1_000_000)
+    samples_per_prompt: int = ranged(4, 1)  # ≥ 2 unless dpa-rsf (validate_run_config)
+    temperature: float = ranged(0.7, 0, 10)
+    top_p: float = ranged(0.8, 0, 1, "(]")
+    max_new_tokens: int = ranged(96, 1)  # < policy.max_length (validate_run_config)
+    num_gpus: float = ranged(0.0, 0)
+    num_cpus: float = ranged(0.25, 0)
+    tensor_parallel_size: int = ranged(1, 1)
+    gpu_memory_utilization: float = ranged(0.5, 0, 1, "(]")
+    max_restarts: int = ranged(2, 0)
     system_prompt: Optional[str] = None
     # Learner → rollout weight sync (actors/weight_sync.py): "shared_memory" (learner
     # rank 0 and the workers on one node), "object_store" (any Ray cluster),
     # "collective" (gloo on CPU / NCCL on GPU). "auto": NCCL on GPU clusters, else
     # shared_memory when on one node, else object_store.
     weight_sync: Literal["auto", "shared_memory", "object_store", "collective"] = "auto"
-    weight_sync_bucket_mb: float = 64.0
+    weight_sync_bucket_mb: float = ranged(64.0, 0, None, "()")
     # vLLM on CPU only: let its oneDNN kernels repack the linear weights. Generation is a
     # few percent faster, but every weight sync then rebuilds the packed copies (a full
     # reload instead of an in-place copy: ~4x slower sync, benchmarks/bench_weight_sync).
@@ -89,22 +169,22 @@ class RolloutConfig:
 class ScorerConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(path="tiny:reward"))
     backend: Literal["hf", "vllm"] = "hf"
-    num_workers: int = 1
-    batch_size: int = 16
-    num_gpus: float = 0.0
-    num_cpus: float = 0.25
-    tensor_parallel_size: int = 1
-    max_restarts: int = 2
+    num_workers: int = ranged(1, 1)
+    batch_size: int = ranged(16, 1)
+    num_gpus: float = ranged(0.0, 0)
+    num_cpus: float = ranged(0.25, 0)
+    tensor_parallel_size: int = ranged(1, 1)
+    max_restarts: int = ranged(2, 0)
     # Reward-model training (round 0 and `twodrl train-rm`).
-    train_epochs: int = 3
-    train_lr: float = 1e-3
-    train_batch_size: int = 16
-    lm_loss_coef: float = 0.0
+    train_epochs: int = ranged(3, 1)
+    train_lr: float = ranged(1e-3, 0, 1, "(]")
+    train_batch_size: int = ranged(16, 1)
+    lm_loss_coef: float = ranged(0.0, 0)
     mode: Literal["segment", "sequence"] = "segment"
-    rm_train_responses: int = 384  # round 0: judge-annotated responses the RM learns from
+    rm_train_responses: int = ranged(384, 0)  # round 0: judge-annotated responses the RM learns from
     # `twodrl train-rm` / `eval-rm` data and output.
-    train_synthetic_pairs: int = 2000  # rule-labelled synthetic records to train on
-    eval_synthetic_pairs: int = 300  # held-out synthetic records (other seed, deduplicated)
+    train_synthetic_pairs: int = ranged(2000, 0)  # rule-labelled synthetic records to train on
+    eval_synthetic_pairs: int = ranged(300, 0)  # held-out synthetic records (other seed, deduplicated)
     train_data: list[str] = field(default_factory=list)  # extra HelpSteer-2D files to train on
     eval_data: list[str] = field(default_factory=list)  # extra held-out HelpSteer-2D files
     include_sample_data: bool = True  # add the shipped HelpSteer-2D sample to training
@@ -116,56 +196,57 @@ class AnnotatorConfig:
     base_url: Optional[str] = None  # None: the job starts the local judge server
     model: str = "twodrl-synthetic-judge"
     api_key_env: str = "OPENAI_API_KEY"
-    fraction: float = 0.25  # share of samples also sent to the judge each round
+    fraction: float = ranged(0.25, 0, 1)  # share of samples also sent to the judge each round
     judge_overrides_rm: bool = True  # judged samples train with the judge's ratings
     pairwise: bool = True
-    concurrency: int = 8
-    timeout_s: float = 30.0
-    max_retries: int = 5
-    backoff_base_s: float = 0.5
-    backoff_max_s: float = 20.0
-    requests_per_minute: Optional[float] = None
-    tokens_per_minute: Optional[float] = None
-    max_requests: Optional[int] = None
-    max_tokens: Optional[int] = None
-    max_cost_usd: Optional[float] = None
+    concurrency: int = ranged(8, 1)
+    timeout_s: float = ranged(30.0, 0, None, "()")
+    max_retries: int = ranged(5, 0)
+    max_repairs: int = ranged(2, 0)  # re-asks after a malformed reply before the aspect fails
+    backoff_base_s: float = ranged(0.5, 0)
+    backoff_max_s: float = ranged(20.0, 0)
+    requests_per_minute: Optional[float] = ranged(None, 0, None, "()")
+    tokens_per_minute: Optional[float] = ranged(None, 0, None, "()")
+    max_requests: Optional[int] = ranged(None, 0)
+    max_tokens: Optional[int] = ranged(None, 0)
+    max_cost_usd: Optional[float] = ranged(None, 0)
     cache_path: Optional[str] = None  # default: RUN_DIR/judge_cache.sqlite
-    num_actors: int = 1
-    num_cpus: float = 0.05  # per annotator actor (it only waits on HTTP)
-    max_completion_tokens: Optional[int] = None  # sent as max_tokens; None: server default
-    price_input_per_mtok: Optional[float] = None  # USD per 1M tokens; None: pricing table
-    price_output_per_mtok: Optional[float] = None
+    num_actors: int = ranged(1, 1)
+    num_cpus: float = ranged(0.05, 0)  # per annotator actor (it only waits on HTTP)
+    max_completion_tokens: Optional[int] = ranged(None, 1)  # sent as max_tokens; None: server default
+    price_input_per_mtok: Optional[float] = ranged(None, 0)  # USD per 1M tokens; None: pricing table
+    price_output_per_mtok: Optional[float] = ranged(None, 0)
 
 
 @dataclass
 class LearnerConfig:
-    num_ranks: int = 2
+    num_ranks: int = ranged(2, 1)
     zero_stage: Literal[0, 1, 2, 3] = 2
-    lr: float = 5e-4
+    lr: float = ranged(5e-4, 0, 1, "(]")
     lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    micro_batch_size: int = 8
-    grad_accum_steps: int = 1
-    epochs_per_round: int = 2
-    max_grad_norm: float = 1.0
-    beta: float = 0.2
-    sft_coef: float = 0.1
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-    tdpo_alpha: float = 0.5
-    kto_desirable_weight: float = 1.0
-    kto_undesirable_weight: float = 1.0
-    orpo_lambda: float = 0.1
+    warmup_ratio: float = ranged(0.0, 0, 1)
+    weight_decay: float = ranged(0.0, 0)
+    micro_batch_size: int = ranged(8, 1)
+    grad_accum_steps: int = ranged(1, 1)
+    epochs_per_round: int = ranged(2, 1)
+    max_grad_norm: float = ranged(1.0, 0)  # 0: no clipping (DeepSpeed gradient_clipping)
+    beta: float = ranged(0.2, 0, None, "()")
+    sft_coef: float = ranged(0.1, 0)
+    label_smoothing: float = ranged(0.0, 0, 0.5, "[)")  # ≥ 0.5 would flip the preference
+    simpo_gamma: float = ranged(0.5, 0)
+    tdpo_alpha: float = ranged(0.5, 0)
+    kto_desirable_weight: float = ranged(1.0, 0)
+    kto_undesirable_weight: float = ranged(1.0, 0)
+    orpo_lambda: float = ranged(0.1, 0)
     # APPO
-    clip_eps: float = 0.2
-    kl_coef: float = 0.05
-    schmitt_delta: float = 0.1
+    clip_eps: float = ranged(0.2, 0, 1, "(]")  # the ratio is clamped to [1 - eps, 1 + eps]
+    kl_coef: float = ranged(0.05, 0)
+    schmitt_delta: float = ranged(0.1, 0)
     schmitt_hysteresis: bool = True
-    ppo_epochs: int = 2
+    ppo_epochs: int = ranged(2, 1)
     # Placement
-    num_gpus_per_rank: float = 0.0
-    num_cpus_per_rank: float = 0.25
+    num_gpus_per_rank: float = ranged(0.0, 0)
+    num_cpus_per_rank: float = ranged(0.25, 0)
     colocate_reference: bool = True
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -174,41 +255,41 @@ class LearnerConfig:
 @dataclass
 class DPAConfig:
     objectives: list[str] = field(default_factory=lambda: ["helpfulness", "verbosity"])
-    directions_per_prompt: int = 1
-    replay_fraction: float = 0.15
-    angle_low: float = -math.pi / 4
-    angle_high: float = 0.0
+    directions_per_prompt: int = ranged(1, 1)
+    replay_fraction: float = ranged(0.15, 0, 1, "[)")  # the driver divides by 1 - fraction
+    angle_low: float = ranged(-math.pi / 4, -math.pi, math.pi)  # < angle_high (validate_run_config)
+    angle_high: float = ranged(0.0, -math.pi, math.pi)
 
 
 @dataclass
 class EvalConfig:
-    every_rounds: int = 1
-    num_prompts: int = 32
-    max_new_tokens: int = 96
+    every_rounds: int = ranged(1, 1)
+    num_prompts: int = ranged(32, 1)
+    max_new_tokens: int = ranged(96, 1)  # < policy.max_length (validate_run_config)
 
 
 @dataclass
 class LoggingConfig:
     wandb: bool = True
     wandb_project: str = "twodrl"
-    metrics_port: Optional[int] = None  # Ray metrics export port (Prometheus)
+    metrics_port: Optional[int] = ranged(None, 1, 65535)  # Ray metrics export port (Prometheus)
     progress: bool = True
     plots: bool = True
-    keep_checkpoints: int = 2  # newest round checkpoints kept on disk
+    keep_checkpoints: int = ranged(2, 1)  # newest round checkpoints kept on disk
 
 
 @dataclass
 class RayConfig:
     address: Optional[str] = None  # None: RAY_ADDRESS, else a local cluster
-    num_cpus: Optional[int] = 8  # logical slots for a local cluster
+    num_cpus: Optional[int] = ranged(8, 1)  # logical slots for a local cluster
     namespace: Optional[str] = None  # default: twodrl-<run name>
     dashboard: bool = False  # start the dashboard with a local cluster (127.0.0.1)
 
 
 @dataclass
 class RunConfig:
-    seed: int = 0
-    rounds: int = 4
+    seed: int = ranged(0, 0, 2**32 - 1)  # what numpy's seeding accepts
+    rounds: int = ranged(4, 1)
     algorithm: Literal[
         "2d-dpo", "1d-dpo", "dpo", "ipo", "kto", "orpo", "simpo", "tdpo1", "tdpo2", "appo", "dpa-rsf"
     ] = "2d-dpo"
@@ -231,7 +312,32 @@ class RunConfig:
 # --------------------------------------------------------------------------- loading
 
 
-class _LineLoader(yaml.SafeLoader):
+# A config is a few levels deep (run → scorer → model → field) and a few hundred values
+# big; these limits are far above that yet refuse hostile input cheaply and before
+# anything recursive (PyYAML's composer, the constructor) hits Python's stack limit.
+_MAX_DEPTH = 32
+_MAX_NODES = 100_000  # after alias expansion: an alias bomb is tiny on disk, huge here
+_MAX_FILE_BYTES = 4 << 20
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses nesting deeper than ``_MAX_DEPTH`` with a ConfigError
+    (``line N: ...``) instead of recursing until a RecursionError."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        self._depth += 1
+        try:
+            if self._depth > _MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"line {mark.line + 1}: nested more than {_MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+class _LineLoader(_LimitedLoader):
     """SafeLoader that remembers the line of every mapping key."""
 
 
@@ -240,6 +346,10 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
     lines = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node)
+        if not isinstance(key, typing.Hashable):
+            # `? [a, b] : 1` would otherwise end in a TypeError from the dict below.
+            kind = "mapping" if isinstance(key, dict) else type(key).__name__
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: a key must be a plain name, got a {kind}")
         if key in mapping:
             raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
         mapping[key] = loader.construct_object(value_node, deep=True)
@@ -263,6 +373,52 @@ def _where(source: str, line: Optional[int | str]) -> str:
     if isinstance(line, str):  # a value set on the command line, not in the file
         return line
     return f"{source}:{line}" if line else source
+
+
+class _ShortRepr(reprlib.Repr):
+    """Bounded repr for error messages: a value built from aliases can be enormous
+    once expanded, and a message should stay one readable line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = 80
+        self.maxlevel = 3
+
+    def repr__LinedDict(self, x: dict, level: int) -> str:  # a mapping read from YAML
+        return self.repr_dict(x, level)
+
+
+_short_repr = _ShortRepr().repr
+
+
+def _one_line(message: Any) -> str:
+    return " ".join(str(message).split())
+
+
+def _walk_size(obj: Any, depth: int, memo: dict, active: set) -> tuple[int, int]:
+    """(nodes, depth) of a loaded YAML value with its aliases expanded, computed once
+    per shared object so an alias bomb costs linear time to detect."""
+    key = id(obj)
+    if key in memo:
+        return memo[key]
+    if not isinstance(obj, (list, dict)):
+        return 1, 0
+    if key in active:
+        raise ConfigError("a value refers to itself (recursive alias)")
+    active.add(key)
+    children = list(obj.keys()) + list(obj.values()) if isinstance(obj, dict) else obj
+    size, height = 1, 0
+    for child in children:
+        if depth + 1 > _MAX_DEPTH:
+            raise ConfigError(f"nested more than {_MAX_DEPTH} levels deep (aliases included)")
+        n, h = _walk_size(child, depth + 1, memo, active)
+        size, height = size + n, max(height, h + 1)
+        if size > _MAX_NODES or depth + height > _MAX_DEPTH:
+            what = f"more than {_MAX_NODES} values" if size > _MAX_NODES else f"more than {_MAX_DEPTH} levels"
+            raise ConfigError(f"expands to {what} (aliases included); not a config")
+    active.discard(key)
+    memo[key] = (size, height)
+    return size, height
 
 
 def _type_name(tp: Any) -> str:
@@ -293,7 +449,7 @@ def _coerce(value: Any, tp: Any, dotted: str, where: str, base: Any = None) -> A
         # Compare types too: YAML `true` == 1 and `2.0` == 2 would otherwise pass.
         if any(value == a and type(value) is type(a) for a in args):
             return value
-        raise ConfigError(f"{where}: {dotted}: {value!r} is not one of {list(args)}")
+        raise ConfigError(f"{where}: {dotted}: {_short_repr(value)} is not one of {list(args)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {dotted}: expected a mapping, got {type(value).__name__}")
@@ -301,7 +457,7 @@ def _coerce(value: Any, tp: Any, dotted: str, where: str, base: Any = None) -> A
                       base=base if isinstance(base, tp) else None)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: {dotted}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where}: {dotted}: expected a list, got {type(value).__name__} {_short_repr(value)}")
         (item_tp,) = args or (Any,)
         return [_coerce(v, item_tp, f"{dotted}[{i}]", where) for i, v in enumerate(value)]
     if origin is dict:
@@ -313,7 +469,10 @@ def _coerce(value: Any, tp: Any, dotted: str, where: str, base: Any = None) -> A
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int with hundreds of digits
+                raise ConfigError(f"{where}: {dotted}: {_short_repr(value)} is too large for a float") from None
         # PyYAML follows YAML 1.1, where `1e-6` (no dot) is a string; accept it.
         if isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value.strip()):
             return float(value)
@@ -325,7 +484,7 @@ def _coerce(value: Any, tp: Any, dotted: str, where: str, base: Any = None) -> A
             return value
     elif isinstance(value, tp):
         return value
-    raise ConfigError(f"{where}: {dotted}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{where}: {dotted}: expected {_type_name(tp)}, got {type(value).__name__} {_short_repr(value)}")
 
 
 def _build(cls: type, data: dict, prefix: str, where_source: str, base: Any = None) -> Any:
@@ -347,17 +506,33 @@ def _build(cls: type, data: dict, prefix: str, where_source: str, base: Any = No
     return dataclasses.replace(base, **kwargs)
 
 
-def _parse_scalar(text: str) -> Any:
+def _parse_scalar(text: str, assignment: str = "") -> Any:
     """Values given with ``--set`` are parsed as YAML scalars/lists: ``0.1``, ``true``,
-    ``[0.2, 0.8]``, ``null``."""
-    return yaml.safe_load(text) if text.strip() else ""
+    ``[0.2, 0.8]``, ``null``. A value that is not YAML is a ConfigError naming the flag."""
+    if not text.strip():
+        return ""
+    flag = f"--set {_short_repr(assignment)}"
+    try:
+        value = yaml.load(text, Loader=_LimitedLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{flag}: {str(e).split(': ', 1)[-1]}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{flag}: invalid YAML value: {_one_line(getattr(e, 'problem', None) or e)}") from None
+    try:
+        _walk_size(value, 0, {}, set())
+    except ConfigError as e:
+        raise ConfigError(f"{flag}: {e}") from None
+    return value
 
 
 def _apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
+        raise ConfigError(f"--set {_short_repr(assignment)}: expected dotted.key=value")
     key, _, raw = assignment.partition("=")
     parts = key.strip().split(".")
+    if not all(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part) for part in parts):
+        # `=3`, `a..b=1`, ` =x`: no field is named like that; say so before parsing.
+        raise ConfigError(f"--set {_short_repr(assignment)}: expected dotted.key=value, got key {key.strip()!r}")
     node = data
     for part in parts[:-1]:
         child = node.get(part)
@@ -367,7 +542,7 @@ def _apply_override(data: dict, assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {assignment!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = _parse_scalar(raw)
+    node[parts[-1]] = _parse_scalar(raw, assignment)
     if isinstance(node, _LinedDict):
         node.lines[parts[-1]] = "--set"
 
@@ -386,14 +561,7 @@ def load_config(
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{source}: config file not found")
-        try:
-            loaded = yaml.load(p.read_text(), Loader=_LineLoader)
-        except ConfigError as e:
-            raise ConfigError(f"{source}:{str(e).removeprefix('line ')}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise ConfigError(f"{source}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        loaded = _read_yaml(p, source)
         if loaded is None:
             loaded = _LinedDict({}, {})
         if not isinstance(loaded, dict):
@@ -402,13 +570,101 @@ def load_config(
     for assignment in overrides:
         _apply_override(data, assignment)
     cfg = _build(cls, data, "", source)
+    where = _locations(data, source)
     if validate and cls is RunConfig:
-        validate_run_config(cfg, source)
+        validate_run_config(cfg, source, where)  # checks the ranges first
+    else:
+        check_ranges(cfg, source, where)
     return cfg
 
 
-def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
-    """Cross-field checks the types cannot express."""
+def _read_yaml(p: Path, source: str) -> Any:
+    """Parse a config file; every way it can be unreadable is a one-line ConfigError."""
+    try:
+        if p.stat().st_size > _MAX_FILE_BYTES:
+            raise ConfigError(f"{source}: {p.stat().st_size} bytes is too large for a config file")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{source}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    try:
+        loaded = yaml.load(text, Loader=_LineLoader)
+        _walk_size(loaded, 0, {}, set())
+    except ConfigError as e:
+        msg = str(e)
+        if msg.startswith("line "):
+            raise ConfigError(f"{source}:{msg.removeprefix('line ')}") from None
+        raise ConfigError(f"{source}: {msg}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        if isinstance(e, yaml.reader.ReaderError):  # a control character; it has no mark
+            line = f":{text[: e.position].count(chr(10)) + 1}"
+            code = e.character if isinstance(e.character, int) else ord(e.character)
+            problem = f"control character #x{code:04x} is not allowed"
+        else:
+            problem = getattr(e, "problem", None) or e
+        raise ConfigError(f"{source}{line}: invalid YAML: {_one_line(problem)}") from None
+    except RecursionError:  # a backstop; _MAX_DEPTH should stop nesting well before
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+    return loaded
+
+
+def _locations(data: Any, source: str, prefix: str = "", inherited: Optional[str] = None) -> dict[str, str]:
+    """``dotted.field → "file:line"`` (or ``--set``) for every value the file or an
+    override gave; a key without a line of its own (inside a ``--set`` mapping) takes
+    its parent's. Fields left at their defaults are absent."""
+    out: dict[str, str] = {}
+    if not isinstance(data, dict):
+        return out
+    lines = getattr(data, "lines", {})
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        line = lines.get(key)
+        here = _where(source, line) if line is not None else inherited
+        if here is not None:
+            out[dotted] = here
+        out.update(_locations(value, source, dotted, here))
+    return out
+
+
+def check_ranges(cfg: Any, source: str = "<config>", where: Optional[dict[str, str]] = None, prefix: str = "") -> None:
+    """Check every field's declared :class:`Range` (module docstring) in one pass. The
+    message names the value's line when ``where`` knows it, else just ``source``."""
+    where = where or {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, source, where, dotted)
+            continue
+        rng = f.metadata.get("range")
+        if rng is None or value is None:
+            continue
+        items = [(f"{dotted}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(dotted, value)]
+        for name, v in items:
+            problem = rng.problem(v)
+            if problem:
+                raise ConfigError(f"{where.get(dotted, source)}: {name} {problem}, got {_short_repr(v)}")
+
+
+_SAFE_RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def validate_run_config(cfg: RunConfig, source: str = "<config>", where: Optional[dict[str, str]] = None) -> None:
+    """Every field's range (:func:`check_ranges`), then the cross-field checks the types
+    cannot express. ``where`` maps dotted fields to ``file:line`` (see load_config)."""
+    where = where or {}
+    check_ranges(cfg, source, where)
+
+    def at(*dotted: str) -> str:
+        """Where the first of these fields that the file or a --set gave is."""
+        return next((where[d] for d in dotted if d in where), source)
+
     names, weights = cfg.aspects.names, cfg.aspects.weights
     if len(names) != len(weights):
         raise ConfigError(
@@ -416,8 +672,6 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
         )
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: aspects.names has duplicates: {names}")
-    if any(w < 0 for w in weights):
-        raise ConfigError(f"{source}: aspects.weights must be non-negative, got {weights}")
     if abs(sum(weights) - 1.0) > 1e-6:
         raise ConfigError(f"{source}: aspects.weights must sum to 1, got {sum(weights):.6g} ({weights})")
     from twodrl.aspects import ASPECTS
@@ -425,28 +679,44 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>") -> None:
     unknown = [n for n in names if n not in ASPECTS]
     if unknown:
         raise ConfigError(f"{source}: aspects.names: unknown aspect(s) {unknown}; known: {sorted(ASPECTS)}")
-    positive = {
-        "rounds": cfg.rounds,
-        "rollout.num_workers": cfg.rollout.num_workers,
-        "rollout.prompts_per_round": cfg.rollout.prompts_per_round,
-        "rollout.samples_per_prompt": cfg.rollout.samples_per_prompt,
-        "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
-        "learner.num_ranks": cfg.learner.num_ranks,
-        "learner.micro_batch_size": cfg.learner.micro_batch_size,
-        "scorer.num_workers": cfg.scorer.num_workers,
-    }
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{source}: {key} must be ≥ 1, got {value}")
     if cfg.rollout.samples_per_prompt < 2 and cfg.algorithm != "dpa-rsf":
-        raise ConfigError(f"{source}: rollout.samples_per_prompt must be ≥ 2 to form chosen/rejected pairs")
-    if not 0.0 < cfg.rollout.top_p <= 1.0:
-        raise ConfigError(f"{source}: rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
-    if not 0.0 <= cfg.annotator.fraction <= 1.0:
-        raise ConfigError(f"{source}: annotator.fraction must be in [0, 1], got {cfg.annotator.fraction}")
-    if cfg.learner.beta <= 0:
-        raise ConfigError(f"{source}: learner.beta must be > 0, got {cfg.learner.beta}")
-    for name, model in (("policy", cfg.policy), ("scorer.model", cfg.scorer.model)):
+        raise ConfigError(f"{at('rollout.samples_per_prompt')}: rollout.samples_per_prompt must be ≥ 2 "
+                          "to form chosen/rejected pairs")
+    # A prompt needs room next to its response inside the policy's training sequence.
+    for key in ("rollout.max_new_tokens", "eval.max_new_tokens"):
+        section, _, field_name = key.partition(".")
+        value = getattr(getattr(cfg, section), field_name)
+        if value >= cfg.policy.max_length:
+            raise ConfigError(
+                f"{at(key, 'policy.max_length')}: {key} must be < policy.max_length ({cfg.policy.max_length}), "
+                f"got {value}"
+            )
+    if cfg.run_name and not _SAFE_RUN_NAME.fullmatch(cfg.run_name):
+        # It names the run directory and the Ray namespace: one plain path component.
+        raise ConfigError(
+            f"{at('run_name')}: run_name must be 1-128 characters of letters, digits, '.', '_', '-' "
+            f"and not start with '.', got {_short_repr(cfg.run_name)}"
+        )
+    dpa = cfg.dpa
+    if not dpa.angle_low < dpa.angle_high:
+        raise ConfigError(f"{at('dpa.angle_low', 'dpa.angle_high')}: dpa.angle_low must be < dpa.angle_high, "
+                          f"got {dpa.angle_low} ≥ {dpa.angle_high}")
+    # DPA objectives are read by rounds.objective_values: a scored aspect or verbosity.
+    # Other algorithms never read them, so there only a name no aspect has is refused
+    # (a typo), not one that merely is not scored in this run.
+    valid = [*names, "verbosity"] if cfg.algorithm == "dpa-rsf" else sorted({*ASPECTS, "verbosity"})
+    unknown = [o for o in dpa.objectives if o not in valid]
+    if unknown:
+        raise ConfigError(f"{at('dpa.objectives', 'aspects.names')}: dpa.objectives: unknown objective(s) {unknown}; "
+                          f"valid: {sorted(set(valid))}")
+    if cfg.algorithm == "dpa-rsf":
+        if len(dpa.objectives) < 2 or len(set(dpa.objectives)) != len(dpa.objectives):
+            raise ConfigError(f"{at('dpa.objectives')}: dpa.objectives must be ≥ 2 distinct names, "
+                          f"got {dpa.objectives}")
+    models = [("policy", cfg.policy), ("reference", cfg.reference), ("scorer.model", cfg.scorer.model)]
+    for name, model in models:
+        if model is None:
+            continue
         if model.trust_remote_code:
             # Allowed, but never silently: remote code runs with the job's privileges.
             import warnings

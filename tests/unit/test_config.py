@@ -97,7 +97,7 @@ def test_yaml_11_exponent_floats_are_floats(tmp_path):
         ("names: [helpfulness, correctness]\n  weights: [1.0]",
          "aspects.weights has 1 values for 2 aspects.names ['helpfulness', 'correctness']"),
         ("names: [helpfulness, correctness]\n  weights: [0.5, 0.6]", "aspects.weights must sum to 1, got 1.1"),
-        ("names: [helpfulness, correctness]\n  weights: [1.5, -0.5]", "aspects.weights must be non-negative"),
+        ("names: [helpfulness, correctness]\n  weights: [1.5, -0.5]", "aspects.weights[0] must be in [0, 1], got 1.5"),
         ("names: [helpfulness, helpfulness]\n  weights: [0.5, 0.5]", "aspects.names has duplicates"),
         ("names: [helpfulness, kindness]\n  weights: [0.5, 0.5]", "aspects.names: unknown aspect(s) ['kindness']"),
     ],
@@ -105,7 +105,7 @@ def test_yaml_11_exponent_floats_are_floats(tmp_path):
 def test_aspect_cross_checks(tmp_path, aspects_yaml, message):
     path = _yaml(tmp_path, f"aspects:\n  {aspects_yaml}\n")
     err = _error(path)
-    assert err.startswith(f"{path}: ") and message in err
+    assert err.startswith(f"{path}:") and message in err  # a range error also names the line
 
 
 def test_other_cross_field_checks():
@@ -187,15 +187,20 @@ def test_validate_job_on_configs(tmp_path, capsys):
     bad = _yaml(tmp_path, "learner:\n  betta: 1\n", "bad.yaml")
     assert validate.main([str(bad)]) == 1
     assert capsys.readouterr().err.strip() == f"error: {bad}:2: unknown key 'learner.betta' (did you mean 'beta'?)"
-    # A config that names a dataset gets its dataset checked against its aspects.
+    # A config that names a prompt dataset gets it read row by row (HelpSteer-2D pair
+    # records are prompt rows too: their prompt and history).
     from twodrl.data import SAMPLE_PATH
 
-    with_data = _yaml(tmp_path, f"task:\n  dataset: {SAMPLE_PATH}\n", "data.yaml")
+    with_data = _yaml(tmp_path, f"task:\n  name: dataset\n  dataset: {SAMPLE_PATH}\n", "data.yaml")
     assert validate.main([str(with_data)]) == 0
-    assert "OK: " + str(SAMPLE_PATH) in capsys.readouterr().out
-    assert validate.main([str(with_data), "--set", "aspects.names=[helpfulness, verbosity]", "--set", "aspects.weights=[0.5, 0.5]"]) == 1
-    assert "missing aspect(s) ['verbosity']" in capsys.readouterr().err
-    missing = _yaml(tmp_path, "task:\n  dataset: /nonexistent/train.jsonl\n", "remote.yaml")
+    assert f"OK: task.dataset {SAMPLE_PATH}[train]" in capsys.readouterr().out
+    ignored = _yaml(tmp_path, f"task:\n  dataset: {SAMPLE_PATH}\n", "ignored.yaml")
+    assert validate.main([str(ignored)]) == 1
+    assert "task.name=dataset" in capsys.readouterr().err
+    hub = _yaml(tmp_path, "task:\n  name: dataset\n  dataset: someorg/some-prompts\n", "hub.yaml")
+    assert validate.main([str(hub)]) == 0
+    assert "NOT CHECKED: task.dataset someorg/some-prompts" in capsys.readouterr().out
+    missing = _yaml(tmp_path, "task:\n  name: dataset\n  dataset: /nonexistent/train.jsonl\n", "remote.yaml")
     assert validate.main([str(missing)]) == 1
     capsys.readouterr()
     assert validate.main([str(missing), "--skip-dataset"]) == 0

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from jobs.online import main
-from twodrl.synthetic import make_preference_records
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -35,11 +34,6 @@ def no_ray(monkeypatch):
 
     monkeypatch.setattr(ray, "init", tripwire)
     return ray
-
-
-@pytest.fixture(scope="module")
-def records() -> list[str]:
-    return [json.dumps(r) for r in make_preference_records(3, seed=0)]
 
 
 def write(path: Path, text: str) -> str:
@@ -87,42 +81,64 @@ def test_wrong_type_in_override_names_the_flag_and_field(tmp_path, capsys, no_ra
 
 # ------------------------------------------------------------------------- dataset
 
+JUDGE = "http://127.0.0.1:9/v1"  # never contacted: preflight only checks that a judge is named
 
-def test_malformed_jsonl_line_names_file_and_line(tmp_path, capsys, no_ray, records):
-    data = write(tmp_path / "bad.jsonl", records[0] + "\n" + records[1][:-7] + "\n" + records[2] + "\n")
-    rc, err = run_main([QUICKSTART, "--set", f"task.dataset={data}", "--run-dir", str(tmp_path / "run")], capsys)
+
+def dataset_args(data: str, *more: str) -> list[str]:
+    return ["--set", "task.name=dataset", "--set", f"task.dataset={data}", "--set", f"annotator.base_url={JUDGE}",
+            *more]
+
+
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, capsys, no_ray):
+    data = write(tmp_path / "bad.jsonl", '{"prompt": "a"}\n{"prompt": "b\n{"prompt": "c"}\n')
+    rc, err = run_main([QUICKSTART, *dataset_args(data), "--run-dir", str(tmp_path / "run")], capsys)
     assert rc == 2
     assert_one_message(err, f"{data}:2", "JSON")
 
 
-def test_wrong_field_type_in_jsonl_names_file_line_and_field(tmp_path, capsys, no_ray, records):
-    bad = json.loads(records[2])
-    bad["rejected"]["text"] = 7
-    data = write(tmp_path / "field.jsonl", "\n".join(records[:2] + [json.dumps(bad)]) + "\n")
+def test_row_without_prompt_or_messages_names_file_line_and_fields(tmp_path, capsys, no_ray):
+    data = write(tmp_path / "q.jsonl", '{"prompt": "a"}\n{"question": "b"}\n')
+    rc, err = run_main([QUICKSTART, *dataset_args(data), "--run-dir", str(tmp_path / "run")], capsys)
+    assert rc == 2
+    assert_one_message(err, f"{data}:2", "'prompt'", "'messages'", "task.prompt_field", "task.messages_field")
+
+
+def test_bad_turn_role_names_the_field(tmp_path, capsys, no_ray):
+    row = {"messages": [{"role": "narrator", "content": "x"}, {"role": "user", "content": "y"}]}
+    data = write(tmp_path / "m.jsonl", json.dumps(row) + "\n")
+    rc, err = run_main([QUICKSTART, *dataset_args(data), "--run-dir", str(tmp_path / "run")], capsys)
+    assert rc == 2
+    assert_one_message(err, f"{data}:1", "messages[0].role")
+
+
+def test_dataset_is_never_silently_ignored(tmp_path, capsys, no_ray):
+    data = write(tmp_path / "p.jsonl", '{"prompt": "a"}\n')
     rc, err = run_main([QUICKSTART, "--set", f"task.dataset={data}", "--run-dir", str(tmp_path / "run")], capsys)
     assert rc == 2
-    assert_one_message(err, f"{data}:3", "rejected.text")
+    assert_one_message(err, "task.dataset", "task.name=dataset")
 
 
-def test_score_rows_not_matching_segments(tmp_path, capsys, no_ray, records):
-    bad = json.loads(records[1])
-    segments = bad["chosen"]["segments"]
-    bad["chosen"]["scores"]["correctness"] = bad["chosen"]["scores"]["correctness"] + [2]  # one rating too many
-    data = write(tmp_path / "rows.jsonl", "\n".join([records[0], json.dumps(bad), records[2]]) + "\n")
-    rc, err = run_main([QUICKSTART, "--set", f"task.dataset={data}", "--run-dir", str(tmp_path / "run")], capsys)
+def test_dataset_task_without_judge_names_the_field(tmp_path, capsys, no_ray):
+    data = write(tmp_path / "p.jsonl", "".join(json.dumps({"prompt": f"q{i}"}) + "\n" for i in range(10)))
+    rc, err = run_main([QUICKSTART, "--set", "task.name=dataset", "--set", f"task.dataset={data}",
+                        "--run-dir", str(tmp_path / "run")], capsys)
     assert rc == 2
-    assert_one_message(err, f"{data}:2", "chosen.scores.correctness", f"{len(segments) + 1} ratings",
-                       f"{len(segments)} segments")
+    assert_one_message(err, "annotator.fraction", "annotator.base_url")
 
 
-def test_valid_dataset_passes_preflight(tmp_path, records):
-    """The checks above are not just rejecting everything: a clean file loads."""
+def test_valid_dataset_passes_preflight(tmp_path):
+    """The checks above are not just rejecting everything: a clean file loads, with its
+    too-long prompts dropped and counted."""
     from jobs.online import preflight
     from twodrl.config import load_config
 
-    data = write(tmp_path / "good.jsonl", "\n".join(records) + "\n")
-    cfg = load_config(QUICKSTART, [f"task.dataset={data}"])
-    preflight(cfg, QUICKSTART)
+    rows = [{"prompt": f"Question {i}?"} for i in range(30)] + [{"prompt": "word " * 2000}]
+    data = write(tmp_path / "good.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(QUICKSTART, ["task.name=dataset", f"task.dataset={data}", f"annotator.base_url={JUDGE}",
+                                   "task.eval_prompts=5"])
+    task = preflight(cfg, QUICKSTART)
+    assert len(task.train) + len(task.eval) == 30
+    assert task.stats["task/dropped_too_long"] == 1
 
 
 # ------------------------------------------------------------------------- real command line

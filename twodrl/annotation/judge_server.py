@@ -1,10 +1,18 @@
-"""The local judge: an OpenAI-compatible HTTP server that rates with the synthetic rules.
+"""The local judge: an OpenAI-compatible HTTP server that rates segments by fixed rules.
 
 ``POST /v1/chat/completions`` reads a request built by :mod:`twodrl.annotation.prompts`
 (the aspect from the system message, the conversation and the ``<k>`` segments from
-the user message), rates every segment with :func:`twodrl.synthetic.score_segments`
-and answers in the judge reply format, with ``usage`` token counts. ``GET /v1/models``
-lists the model; ``GET /stats`` returns request counters (tests, dashboards).
+the user message), rates every segment and answers in the judge reply format, with
+``usage`` token counts. ``GET /v1/models`` lists the model; ``GET /stats`` returns
+request counters (tests, dashboards).
+
+Two rule sets (``mode``):
+
+* ``synthetic`` (default): the embedded animal task, :func:`twodrl.synthetic.score_segments`.
+  Exact labels for that task; any other sentence is "unknown" and rated as useless.
+* ``generic``: :mod:`twodrl.annotation.generic_rules`, surface rules for any English
+  text. A stand-in that exercises the pipeline end to end on real prompts; its ratings
+  say nothing reliable about quality.
 
 Fault injection (rates are probabilities per request, drawn from a seeded RNG) makes
 the unhappy paths of the client testable over real HTTP: 429 with ``Retry-After``,
@@ -25,11 +33,26 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional
 
+from twodrl.annotation.generic_rules import remarks_generic, score_segments_generic
 from twodrl.annotation.parser import format_reply
-from twodrl.annotation.prompts import load_templates, messages_digest, parse_request
+from twodrl.annotation.prompts import JudgeRequest, load_templates, messages_digest, parse_request
 from twodrl.synthetic import classify, score_segments, topic_of
 
 DEFAULT_MODEL = "twodrl-synthetic-judge"
+GENERIC_MODEL = "twodrl-generic-judge"
+MODES: tuple[str, ...] = ("synthetic", "generic")
+_MODEL_OF_MODE = {"synthetic": DEFAULT_MODEL, "generic": GENERIC_MODEL}
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"judge mode must be one of {', '.join(MODES)}; got {mode!r}")
+    return mode
+
+
+def default_model(mode: str = "synthetic") -> str:
+    """The model name a judge in ``mode`` reports when none is given."""
+    return _MODEL_OF_MODE[check_mode(mode)]
 
 
 @dataclass
@@ -61,9 +84,11 @@ _REMARKS = {
 }
 
 
-def judge_answer(messages: list[dict]) -> str:
+def judge_answer(messages: list[dict], mode: str = "synthetic") -> str:
     """The rule-based judge's well-formed reply to a request in our frame."""
     req = parse_request(messages, load_templates())
+    if check_mode(mode) == "generic":
+        return _generic_answer(req)
     # The topic may come from an earlier turn ("and what does it eat?"): the rules take
     # the last animal named, so the request goes last.
     context = " ".join([t["content"] for t in req.history if t["role"] == "user"] + [req.prompt])
@@ -73,6 +98,15 @@ def judge_answer(messages: list[dict]) -> str:
         scores.append([row[0] for row in score_segments(context, segs, [req.aspect])])
         kinds = [classify(topic, s, segs[:k]) for k, s in enumerate(segs)]
         remarks.append([_REMARKS[kind] for kind in kinds])
+    return format_reply(req.aspect, scores, remarks)
+
+
+def _generic_answer(req: JudgeRequest) -> str:
+    scores, remarks = [], []
+    for segs in req.responses:
+        rows = score_segments_generic(req.prompt, segs, [req.aspect], req.history)
+        scores.append([row[0] for row in rows])
+        remarks.append(remarks_generic(req.prompt, segs, req.aspect, req.history))
     return format_reply(req.aspect, scores, remarks)
 
 
@@ -174,7 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault == "slow":
             time.sleep(judge.faults.slow_s)
         try:
-            reply = judge_answer(messages)
+            reply = judge_answer(messages, judge.mode)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             self._error(400, f"not a twodrl judge request: {e}", "invalid_request_error")
             return
@@ -221,9 +255,14 @@ class JudgeServer:
         port: int = 0,
         faults: Optional[Faults] = None,
         seed: int = 0,
-        model: str = DEFAULT_MODEL,
+        model: Optional[str] = None,
         api_key: Optional[str] = None,
+        mode: str = "synthetic",
     ):
+        # Checked before the socket is bound: a typo must not leave a port held.
+        self.mode = check_mode(mode)
+        model = model or default_model(mode)
+        self.model = model
         self.faults = faults or Faults()
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
@@ -293,6 +332,7 @@ def start_judge_server(
     **kwargs: Any,
 ) -> tuple[str, Callable[[], None]]:
     """Start the judge in a background thread (port 0 = a free port); returns the base
-    URL for ``AsyncOpenAI(base_url=...)`` and a function that stops it."""
+    URL for ``AsyncOpenAI(base_url=...)`` and a function that stops it. ``kwargs`` go
+    to :class:`JudgeServer` (``model``, ``api_key``, ``mode="generic"`` …)."""
     server = JudgeServer(host, port, faults, seed, **kwargs).start()
     return server.url, server.stop
