@@ -16,6 +16,8 @@ Items (a list of dicts) take either layout:
 
 Each result carries ``"index"`` (the item's own ``index`` if it has one, else its
 position in the call) and, on failure, ``"error"`` with the reason instead of a payload.
+When the run's judge budget is spent, every further item fails with an error starting
+``"budget exhausted: "`` and :meth:`stats` reports ``budget_exceeded: True``.
 """
 
 from __future__ import annotations
@@ -66,7 +68,10 @@ class AnnotatorActor:
             self.base_url, self._stop_server = start_judge_server(model=self.cfg.model)
         self._cache = JudgeCache(self.cache_path) if self.cache_path else None
         client = ChatClient.from_config(self.cfg, base_url=self.base_url)
-        self._pool = AnnotationPool(client, self._cache, aspects=self.aspects, pairwise=self.cfg.pairwise)
+        # With a cache, the pool makes the client's budget run-wide (the cache file's
+        # spend table, shared by every annotator of the run and kept across restarts).
+        self._pool = AnnotationPool(client, self._cache, aspects=self.aspects, pairwise=self.cfg.pairwise,
+                                    max_repairs=self.cfg.max_repairs)
         return self._pool
 
     async def annotate_pairs(self, items: list[dict]) -> list[dict]:
@@ -144,9 +149,11 @@ class AnnotatorActor:
 
     def stats(self) -> dict:
         """``requests`` (HTTP requests sent), ``failures`` (items), ``cost_usd``,
-        ``tokens``, plus cache hits, retries and repairs."""
+        ``tokens`` (this actor's), plus cache hits, retries, repairs, ``budget_exceeded``
+        and, with a cache, ``run_requests``/``run_tokens``/``run_cost_usd`` (the run's)."""
         if self._pool is None:
-            return {"requests": 0, "failures": self._input_failures, "cost_usd": 0.0, "tokens": 0}
+            return {"requests": 0, "failures": self._input_failures, "cost_usd": 0.0, "tokens": 0,
+                    "repairs": 0, "budget_exceeded": False}
         stats = self._pool.stats()
         stats["failures"] += self._input_failures
         return stats
@@ -162,6 +169,14 @@ class AnnotatorActor:
         if self._stop_server is not None:
             self._stop_server()
             self._stop_server = None
+
+
+def _is_loopback_url(url: str) -> bool:
+    from urllib.parse import urlparse
+
+    from twodrl.annotation.client import _is_loopback
+
+    return _is_loopback(urlparse(url).hostname or "")
 
 
 def create_annotators(
@@ -187,6 +202,14 @@ def create_annotators(
         # An async actor: concurrent calls (annotate + stats) share one event loop and
         # one pool, so the concurrency/rate/budget limits hold across them.
         opts["max_concurrency"] = 16
+        if base_url is not None and _is_loopback_url(base_url):
+            # A judge on 127.0.0.1 (the job's local server, or one the user started
+            # beside the driver) is reachable only from this node: keep the annotators
+            # here rather than let Ray place them where they cannot connect.
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+                node_id=ray.get_runtime_context().get_node_id(), soft=False)
         handles.append(
             get_or_create_actor(
                 AnnotatorActor, opts, dataclasses.asdict(ann), list(cfg.aspects.names), list(cfg.aspects.weights),

@@ -23,6 +23,7 @@ Precision note: on CPU everything is float32; ``learner.bf16`` is ignored there.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -165,6 +166,39 @@ def plan_micro_batches(
     return plan
 
 
+@contextlib.contextmanager
+def _weights_only_loads():
+    """DeepSpeed unpickles its checkpoint files with ``weights_only=False`` (hard-coded).
+    Force torch's restricted unpickler for those loads, allowing only the few DeepSpeed
+    types its optimizer states hold, so a tampered file cannot run code on a rank."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+def gather(refs: list, poll_s: float = 1.0) -> list:
+    """``ray.get`` of every rank's result that fails as soon as one rank fails: when a
+    rank dies, the others block in a collective (until its timeout) and a plain
+    ``ray.get`` of all of them would wait that long before reporting anything."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=poll_s)
+        for ref in ready:
+            ray.get(ref)  # raises the rank's error (RayActorError for a dead rank) now
+    return ray.get(list(refs))
+
+
 def merge_metrics(parts: Sequence[dict[str, Any]], prefix: str = "train/") -> dict[str, float]:
     """Combine the ranks' ``{"sums": {...}, "count": n, ...}`` into weighted means."""
     sums: dict[str, float] = {}
@@ -255,8 +289,14 @@ class LearnerRank(WeightSenderMixin):
             LOCAL_RANK="0" if not self.on_gpu else str(torch.cuda.current_device()),
         )
         backend = "nccl" if self.on_gpu else "gloo"
+        # A rank that never arrives (its node died during start-up) must fail the group,
+        # not leave the others waiting forever; the timeout also bounds every later
+        # collective of this group.
+        from datetime import timedelta
+
         deepspeed.init_distributed(
-            dist_backend=backend, auto_mpi_discovery=False, rank=self.rank, world_size=self.world_size, verbose=False
+            dist_backend=backend, auto_mpi_discovery=False, rank=self.rank, world_size=self.world_size, verbose=False,
+            timeout=timedelta(seconds=float(self.lc.init_timeout_s)),
         )
         policy_cfg = self._model_cfg(self.cfg.policy)
         self.tokenizer = load_tokenizer(policy_cfg)
@@ -342,6 +382,32 @@ class LearnerRank(WeightSenderMixin):
                 batch = self._collate(mb, kind)
                 lp, _ = _token_logps(self.engine, batch, self.device)
                 out.extend(unpad_response(lp.cpu(), batch.response_mask))
+        finally:
+            self.engine.train()
+        return out
+
+    @torch.no_grad()
+    def segment_logps(self, micro_batches: list[list[dict]]) -> list[dict]:
+        """Per-token log-probs and segment ids of both responses of each pair record,
+        under the current policy: ``{"chosen"|"rejected": {"token_logps", "segment_ids"}}``
+        per pair, in micro-batch order. Collated exactly like ``train_pairs`` batches, so
+        tokens and segments are the ones training sees. Collective under ZeRO-3."""
+        from twodrl.objectives import unpad_response
+
+        self.engine.eval()
+        out = []
+        try:
+            for mb in micro_batches:
+                batch = self._collate(mb, "pairs")
+                lp, _ = _token_logps(self.engine, batch, self.device)
+                logps = unpad_response(lp.cpu(), batch.response_mask)
+                segs = [row[m].tolist() for row, m in zip(batch.segment_ids, batch.response_mask)]
+                P = batch.num_pairs  # rows [0, P) chosen, [P, 2P) rejected
+                for i in range(P):
+                    out.append({
+                        "chosen": {"token_logps": logps[i], "segment_ids": segs[i]},
+                        "rejected": {"token_logps": logps[P + i], "segment_ids": segs[P + i]},
+                    })
         finally:
             self.engine.train()
         return out
@@ -499,9 +565,10 @@ class LearnerRank(WeightSenderMixin):
 
     def load_checkpoint(self, directory: str) -> dict:
         d = Path(directory) / DS_SUBDIR
-        path, client = self.engine.load_checkpoint(
-            str(d), tag="latest_round", load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        with _weights_only_loads():
+            path, client = self.engine.load_checkpoint(
+                str(d), tag="latest_round", load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {d}")
         self._round = int((client or {}).get("round", 0))
@@ -511,7 +578,7 @@ class LearnerRank(WeightSenderMixin):
         """Rank 0: move a finished checkpoint into place (atomic rename)."""
         from twodrl.checkpoint import replace_directory
 
-        replace_directory(tmp, final)
+        replace_directory(tmp, final, manifest=True)
 
     # ------------------------------------------------------------------ weights
 
@@ -664,7 +731,7 @@ class PolicyLearnerGroup:
             ref_opts = actor_options("reference", 0, cfg, self.namespace)
             self.reference = get_or_create_actor(ray.remote(ReferenceServer), ref_opts, cfg)
         addr, port = ray.get(self.ranks[0].rendezvous.remote())
-        self.info = ray.get([r.setup.remote(addr, port, self.total_steps) for r in self.ranks])
+        self.info = gather([r.setup.remote(addr, port, self.total_steps) for r in self.ranks])
 
     # ------------------------------------------------------------------ helpers
 
@@ -708,7 +775,7 @@ class PolicyLearnerGroup:
         plan = self._plan(len(pairs))
         shards = [[[pairs[i] for i in mb] for mb in rank_plan] for rank_plan in plan]
         refs = self._reference_logps(shards, "pairs")
-        parts = ray.get([
+        parts = gather([
             r.train_pairs.remote(shards[k], algorithm, refs[k], self.lc.epochs_per_round, self._seed())
             for k, r in enumerate(self.ranks)
         ])
@@ -727,7 +794,7 @@ class PolicyLearnerGroup:
             return {}
         plan = self._plan(len(examples))
         shards = [[[examples[i] for i in mb] for mb in rank_plan] for rank_plan in plan]
-        parts = ray.get([r.train_sft.remote(shards[k], epochs, self._seed(), lr) for k, r in enumerate(self.ranks)])
+        parts = gather([r.train_sft.remote(shards[k], epochs, self._seed(), lr) for k, r in enumerate(self.ranks)])
         self._round += 1
         return merge_metrics(parts)
 
@@ -752,7 +819,7 @@ class PolicyLearnerGroup:
         plan = self._plan(len(items), unit=k, micro=micro_groups)
         shards = [[[items[i] for i in mb] for mb in rank_plan] for rank_plan in plan]
         refs = self._reference_logps(shards, "appo")
-        parts = ray.get([
+        parts = gather([
             r.train_appo.remote(shards[j], refs[j], self.lc.ppo_epochs, self._seed(), k, weights)
             for j, r in enumerate(self.ranks)
         ])
@@ -768,7 +835,7 @@ class PolicyLearnerGroup:
         plan = self._plan(len(items))
         # Results come back per rank in plan order; undo the plan's shuffle.
         shards = [[[items[i] for i in mb] for mb in rank_plan] for rank_plan in plan]
-        outs = ray.get([r.policy_logps.remote(shards[k]) for k, r in enumerate(self.ranks)])
+        outs = gather([r.policy_logps.remote(shards[k]) for k, r in enumerate(self.ranks)])
         result: list[Optional[list[float]]] = [None] * len(items)
         for rank_plan, out in zip(plan, outs):
             flat = [i for mb in rank_plan for i in mb]
@@ -776,9 +843,30 @@ class PolicyLearnerGroup:
                 result[i] = lp
         return result  # type: ignore[return-value]
 
+    def segment_logprobs(self, pairs: Sequence[dict]) -> list:
+        """Per pair record, a :class:`twodrl.diagnostics.PairSegmentLogps`: per-token
+        log-probs of the chosen and rejected responses with each token's segment id,
+        under the current policy (eval mode, no grad), for the segment-credit
+        diagnostic. Split over all ranks like ``compute_logprobs``: under ZeRO-3 every
+        forward is collective, so rank 0 alone could not run it."""
+        from twodrl.diagnostics import PairSegmentLogps
+
+        if not pairs:
+            return []
+        plan = self._plan(len(pairs))
+        shards = [[[pairs[i] for i in mb] for mb in rank_plan] for rank_plan in plan]
+        outs = gather([r.segment_logps.remote(shards[k]) for k, r in enumerate(self.ranks)])
+        result: list = [None] * len(pairs)
+        for rank_plan, out in zip(plan, outs):
+            flat = [i for mb in rank_plan for i in mb]
+            for i, d in zip(flat, out):
+                # The plan may visit a pair twice to even out the ranks; same weights, same values.
+                result[i] = PairSegmentLogps.from_dict(d)
+        return result
+
     def reset_reference(self) -> None:
         """Freeze the current policy as the reference model (after the warm start)."""
-        states = ray.get([r.reset_reference_to_policy.remote() for r in self.ranks])
+        states = gather([r.reset_reference_to_policy.remote() for r in self.ranks])
         if self.reference is not None:
             ray.get(self.reference.load_state.remote(dict(self.named_full_parameters())))
         elif not all(states):
@@ -793,8 +881,8 @@ class PolicyLearnerGroup:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{final.name}.tmp.", dir=final.parent)
         try:
-            ray.get([r.set_round.remote(self._round) for r in self.ranks])
-            ray.get([r.save_checkpoint.remote(tmp) for r in self.ranks])
+            gather([r.set_round.remote(self._round) for r in self.ranks])
+            gather([r.save_checkpoint.remote(tmp) for r in self.ranks])
             ray.get(self.ranks[0].finalize.remote(tmp, str(final)))
         finally:
             if Path(tmp).exists():
@@ -802,7 +890,11 @@ class PolicyLearnerGroup:
         return str(final)
 
     def load_checkpoint(self, directory: str) -> dict:
-        outs = ray.get([r.load_checkpoint.remote(directory) for r in self.ranks])
+        from twodrl.checkpoint import verify_manifest
+
+        # Every file is the one that was written, before any rank unpickles a byte of it.
+        verify_manifest(directory)
+        outs = gather([r.load_checkpoint.remote(directory) for r in self.ranks])
         self._round = int(outs[0].get("round", 0))
         return outs[0]
 
@@ -823,11 +915,11 @@ class PolicyLearnerGroup:
     def broadcast_weights(self, bucket_bytes: int = 64 << 20) -> dict:
         """Broadcast from rank 0 over a weight group set up by ``sync_weights``
         (transport ``collective``); all ranks take part."""
-        outs = ray.get([r.broadcast_weights.remote(bucket_bytes) for r in self.ranks])
+        outs = gather([r.broadcast_weights.remote(bucket_bytes) for r in self.ranks])
         return outs[0]
 
     def named_full_parameters(self) -> list[tuple[str, torch.Tensor]]:
-        outs = ray.get([r.named_full_parameters.remote() for r in self.ranks])
+        outs = gather([r.named_full_parameters.remote() for r in self.ranks])
         return outs[0]
 
     def _seed(self) -> int:

@@ -21,16 +21,30 @@ instruction goes in ``system``. Prompts are rendered with the model's chat templ
 :func:`twodrl.models.logprobs.render_prompt`, the same rendering the learner uses, so the
 token ids a sample was drawn from are the ids the learner scores.
 
+Generation and weight updates never interleave on one engine. The actor runs three
+Ray concurrency groups: the default one (``generate``, ``sequence_logprobs``: one call
+at a time), ``weights`` (bucket loads, finish, broadcast receive: one at a time, in
+the order sent) and ``control`` (cheap status calls that never touch the engine, so a
+long generation cannot hold them up). An :class:`EngineGate` orders the first two: the
+first bucket of an update closes the gate to new engine work and then waits for the
+work already running to end; engine work that asks while an update is open waits until
+it is finished. So a ``generate`` either ran wholly on the old weights (and ended
+before the first bucket was loaded) or wholly on the new ones, and the
+``weights_version`` it reports is the one it ran with, read under the same lock.
+
 Log-probs are *raw*: the model's distribution before temperature / top-p (vLLM's
 default ``raw_logprobs`` mode), i.e. what the learner's forward pass computes.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
+import threading
 import time
+from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Protocol, Sequence
 
 import ray
@@ -122,6 +136,10 @@ class RolloutBackend(Protocol):
     def finish_update(self) -> None:
         """Complete the update: load anything held, drop caches of the old weights."""
 
+    def abort_update(self) -> None:
+        """Give the update up: drop anything held (the live weights keep whatever
+        buckets were already loaded in place)."""
+
     def weight_load_mode(self) -> str:
         """``in_place`` (each bucket copied into the live parameters on arrival; with
         ``/replay`` once the loader's copies are recorded) or ``reload`` (held, then one
@@ -170,6 +188,11 @@ class VLLMWeightSyncExtension:
         held = self.__dict__.pop("_twodrl_held", [])
         if held:
             self._twodrl_load(iter_unpacked(held))
+
+    def twodrl_abort_update(self) -> None:
+        # Held buckets of an update that will not complete: loading them would mix
+        # versions, so they are dropped and the engine keeps its previous weights.
+        self.__dict__.pop("_twodrl_held", None)
 
     def twodrl_init_weight_group(self, host: str, port: int, world_size: int, rank_base: int, backend: str,
                                  timeout_s: float, token: str) -> None:
@@ -348,6 +371,10 @@ class VLLMBackend:
         self.llm.collective_rpc("twodrl_finish_update")
         self._after_update()
 
+    def abort_update(self):
+        self.llm.collective_rpc("twodrl_abort_update")
+        self._after_update()
+
     def weight_load_mode(self) -> str:
         return str(self.llm.collective_rpc("twodrl_weight_load_mode")[0])
 
@@ -458,6 +485,9 @@ class HFBackend:
     def finish_update(self):
         pass
 
+    def abort_update(self):
+        pass
+
     def weight_load_mode(self) -> str:
         return "in_place"
 
@@ -474,6 +504,93 @@ class HFBackend:
         return consume_buckets(iter_broadcast_buckets(self.group, self.pool), self._load)
 
 
+# --------------------------------------------------------------------------- engine gate
+
+
+class PartialWeightsError(RuntimeError):
+    """The engine holds part of an update that never completed: sampling from it would
+    mix two policies, so engine work is refused until a complete sync."""
+
+
+class EngineGate:
+    """Mutual exclusion of engine work (generation, scoring) and weight updates, with
+    the weights version kept under the same lock.
+
+    Engine work may run while no update is open, and reads the version it runs with
+    when it enters. An update opens at its first bucket: from then on new engine work
+    waits, and the update itself waits until the work already running has ended. It
+    closes at finish (new version) or abort. Updates win over waiting work, so a sync
+    is never starved by a steady stream of generate calls.
+
+    The two sides run on different threads of the actor (see the module docstring);
+    within one side, calls come one at a time. Waits have no timeout here: the callers'
+    deadlines (the work queue for generation, the weight sync for buckets) end a hung
+    partner by restarting the actor.
+    """
+
+    def __init__(self, version: int = 0):
+        self._cond = threading.Condition()
+        self._users = 0
+        self._updating = False
+        self._version = int(version)
+        self._partial: Optional[str] = None
+
+    @property
+    def version(self) -> int:
+        with self._cond:
+            return self._version
+
+    @property
+    def updating(self) -> bool:
+        with self._cond:
+            return self._updating
+
+    def state(self) -> dict:
+        with self._cond:
+            return {"version": self._version, "updating": self._updating, "engine_calls": self._users,
+                    "partial": self._partial is not None}
+
+    @contextmanager
+    def use(self) -> Iterator[int]:
+        """Engine work inside the block; yields the weights version it runs with."""
+        with self._cond:
+            self._cond.wait_for(lambda: not self._updating)
+            if self._partial is not None:
+                raise PartialWeightsError(self._partial)
+            self._users += 1
+            version = self._version
+        try:
+            yield version
+        finally:
+            with self._cond:
+                self._users -= 1
+                self._cond.notify_all()
+
+    def begin_update(self) -> bool:
+        """Open an update (a no-op when one is open already) and wait until no engine
+        work is running. True when this call opened it."""
+        with self._cond:
+            opened = not self._updating
+            self._updating = True
+            self._cond.wait_for(lambda: self._users == 0)
+            return opened
+
+    def end_update(self, version: Optional[int] = None, partial: Optional[str] = None) -> int:
+        """Close the update. ``version``: the new weights are complete (``None`` keeps
+        the old number: e.g. a group join, which changes no weight). ``partial``: the
+        update failed after changing live weights; engine work is refused until a
+        later update completes."""
+        with self._cond:
+            if partial is not None:
+                self._partial = partial
+            elif version is not None:
+                self._version = int(version)
+                self._partial = None
+            self._updating = False
+            self._cond.notify_all()
+            return self._version
+
+
 # --------------------------------------------------------------------------- actor
 
 
@@ -481,9 +598,16 @@ def _new_update() -> dict:
     return {"load_s": 0.0, "tensors": 0, "buckets": 0, "bytes": 0}
 
 
-@ray.remote
+# Ray concurrency groups of RolloutWorker (the default group, one call at a time, is
+# generation). One thread each: bucket loads stay in the order they were sent.
+WEIGHTS_GROUP = "weights"
+CONTROL_GROUP = "control"
+
+
+@ray.remote(concurrency_groups={WEIGHTS_GROUP: 1, CONTROL_GROUP: 1})
 class RolloutWorker:
-    """One rollout engine. See the module docstring for the request/result format."""
+    """One rollout engine. See the module docstring for the request/result format and
+    for how generation and weight updates are kept apart."""
 
     def __init__(self, cfg: RunConfig, index: int = 0, backend: Optional[str] = None, model_path: Optional[str] = None):
         from twodrl.models.loading import load_tokenizer, resolve_model_path
@@ -505,18 +629,66 @@ class RolloutWorker:
             self.backend = HFBackend(path, cfg, seed)
         else:
             raise ValueError(f"rollout.backend: {self.backend_name!r} is not one of ['vllm', 'hf']")
-        self._version = 0
+        self._gate = EngineGate()
         self._group_token = ""
         self._update = _new_update()
+        # Recent engine calls and weight loads with monotonic start/end times: what
+        # ran on which weights, for diagnosing a run (and for the ordering tests).
+        self._timeline: collections.deque = collections.deque(maxlen=512)
 
-    # -- generation ------------------------------------------------------------------
+    def _record(self, event: str, start: float, version: int, **extra: Any) -> None:
+        self._timeline.append({"event": event, "start": start, "end": time.monotonic(), "version": version, **extra})
 
+    # -- status (never touches the engine) --------------------------------------------
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
     def ready(self) -> bool:
         return True
 
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def weights_version(self) -> int:
+        return self._gate.version
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def deadlines(self) -> dict:
+        """Seconds a caller should allow per call before taking this worker for hung
+        (``rollout.call_timeout_s`` / ``sync_timeout_s``): the work queue and the weight
+        sync ask, so the driver need not pass them."""
+        r = self.cfg.rollout
+        return {"generate": r.call_timeout_s, "sequence_logprobs": r.call_timeout_s, "sync": r.sync_timeout_s}
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def engine_state(self) -> dict:
+        """``version``, ``updating`` (a weight update is open), ``engine_calls`` (running
+        generate / scoring calls) and ``partial`` (a failed update left mixed weights)."""
+        return self._gate.state()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def timeline(self) -> list[dict]:
+        """The most recent engine calls and weight loads (``event``, monotonic ``start``
+        / ``end`` in this process, the weights ``version`` it ran with / installed)."""
+        return list(self._timeline)
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def weight_group_ranks(self) -> int:
+        return self.backend.weight_group_ranks()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def weight_group_token(self) -> str:
+        """The id of the weight group this worker is in ("" if none: e.g. restarted)."""
+        return self._group_token
+
+    # -- generation ------------------------------------------------------------------
+
     def info(self) -> dict:
+        with self._gate.use() as version:
+            mode = self.backend.weight_load_mode()
         return {"index": self.index, "backend": self.backend_name, "model_path": self.model_path,
-                "weights_version": self._version, "weight_load": self.backend.weight_load_mode()}
+                "weights_version": version, "weight_load": mode}
 
     def render(self, request: dict) -> list[int]:
         """Token ids of a request's prompt, rendered with the chat template."""
@@ -538,7 +710,9 @@ class RolloutWorker:
     ) -> list[dict]:
         """Sample ``n`` responses per request. Unset sampling arguments come from
         ``rollout`` in the config (paper defaults: temperature 0.7, top_p 0.8, 4
-        samples). ``greedy`` overrides temperature (0) and top_p (1)."""
+        samples). ``greedy`` overrides temperature (0) and top_p (1). Waits while a
+        weight update is open; every result's ``weights_version`` is the version its
+        samples were drawn with."""
         _validate_requests(requests)
         r = self.cfg.rollout
         n = r.samples_per_prompt if n is None else int(n)
@@ -557,12 +731,16 @@ class RolloutWorker:
             )
         if not requests:
             return []
-        samples = self.backend.generate(prompt_ids, n, temperature, top_p, max_new_tokens, seed)
+        asked = time.monotonic()
+        with self._gate.use() as version:
+            start = time.monotonic()
+            samples = self.backend.generate(prompt_ids, n, temperature, top_p, max_new_tokens, seed)
+            self._record("generate", start, version, asked=asked, ids=[req["id"] for req in requests])
         out = []
         for req, ids, per_prompt in zip(requests, prompt_ids, samples):
             for s in per_prompt:
                 s["text"] = self.tokenizer.decode(s["token_ids"], skip_special_tokens=True)
-            out.append({"id": req["id"], "prompt_token_ids": ids, "weights_version": self._version,
+            out.append({"id": req["id"], "prompt_token_ids": ids, "weights_version": version,
                         "samples": per_prompt})
         return out
 
@@ -574,69 +752,114 @@ class RolloutWorker:
             )
         if any(len(p) == 0 or len(r) == 0 for p, r in zip(prompt_token_ids, response_token_ids)):
             raise ValueError("sequence_logprobs: every prompt and response needs at least one token")
-        return self.backend.sequence_logprobs(prompt_token_ids, response_token_ids)
+        with self._gate.use():
+            return self.backend.sequence_logprobs(prompt_token_ids, response_token_ids)
 
     # -- weights -----------------------------------------------------------------------
 
-    def _bump(self, version: Optional[int]) -> int:
-        self._version = self._version + 1 if version is None else int(version)
-        return self._version
+    def _next_version(self, version: Optional[int]) -> int:
+        return self._gate.version + 1 if version is None else int(version)
 
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
     def load_weight_bucket(self, descriptor: dict) -> int:
         """One bucket of a streamed update (``actors.weight_sync.sync_weights`` sends
-        them in order, then :meth:`finish_weight_update`)."""
+        them in order, then :meth:`finish_weight_update`). The first bucket opens the
+        update: it waits for running generation to end, and generation asked for
+        from then on waits for the finish."""
+        self._gate.begin_update()
         t = time.perf_counter()
+        start = time.monotonic()
         try:
             count = self.backend.load_bucket(descriptor)
         except BaseException:
             self._update["failed"] = True  # finish must not claim the new version
             raise
         u = self._update
+        # In place: the live weights changed (an abandoned update leaves a mix).
+        if not u.get("applied"):
+            u["applied"] = self.backend.weight_load_mode() != "reload"
         u["load_s"] += time.perf_counter() - t
         u["tensors"] += count
         u["buckets"] += 1
         u["bytes"] += sum(TensorMeta.from_json(m).nbytes for m in descriptor["metas"])
+        self._record("bucket", start, self._gate.version, index=u["buckets"] - 1)
         return count
 
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
     def finish_weight_update(self, version: Optional[int] = None) -> dict:
         """Close the update begun by :meth:`load_weight_bucket` calls; returns its
         totals (``load_s``, ``tensors``, ``buckets``, ``bytes``) and the new version."""
+        self._gate.begin_update()  # an update of no buckets still closes cleanly
         t = time.perf_counter()
+        start = time.monotonic()
         done, self._update = self._update, _new_update()
+        applied = done.pop("applied", False)
         if done.pop("failed", False):
-            self.backend.finish_update()  # flush what was held: nothing may leak into the next sync
+            self._give_up(applied, "a bucket of this weight update failed to load")
             raise RuntimeError(
                 f"rollout-{self.index}: a bucket of this weight update failed to load; the engine keeps "
-                f"weights version {self._version} (partly overwritten) until the next complete sync"
+                f"weights version {self._gate.version}" + (" but refuses to generate until the next complete "
+                                                            "sync (some weights were overwritten)" if applied else "")
             )
-        self.backend.finish_update()
+        try:
+            self.backend.finish_update()
+        except BaseException:
+            self._give_up(True, "finishing the weight update failed")
+            raise
         done["load_s"] += time.perf_counter() - t
-        done["version"] = self._bump(version)
+        done["version"] = self._gate.end_update(self._next_version(version))
+        self._record("finish", start, done["version"])
         return done
 
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
+    def abort_weight_update(self, reason: str = "the weight sync was abandoned") -> dict:
+        """Close an update that will not be finished (the sender failed mid-way), so
+        that generation waiting on it goes on. Buckets held for a reload are dropped;
+        where some were already loaded in place the engine refuses engine work until
+        a complete sync."""
+        if not self._gate.updating:
+            return {"aborted": False, "version": self._gate.version}
+        done, self._update = self._update, _new_update()
+        self._give_up(done.get("applied", False), reason)
+        return {"aborted": True, "version": self._gate.version}
 
-    def weight_group_ranks(self) -> int:
-        return self.backend.weight_group_ranks()
+    def _give_up(self, applied: bool, reason: str) -> None:
+        try:
+            self.backend.abort_update()
+        finally:
+            partial = None
+            if applied:
+                partial = (f"rollout-{self.index}: {reason} after loading part of it in place; the engine "
+                           f"refuses to sample until a complete weight sync")
+            self._gate.end_update(None, partial=partial)
+            self._record("abort", time.monotonic(), self._gate.version, reason=reason)
 
-    def weight_group_token(self) -> str:
-        """The id of the weight group this worker is in ("" if none: e.g. restarted)."""
-        return self._group_token
-
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
     def init_weight_group(self, host: str, port: int, world_size: int, rank_base: int, backend: str = "gloo",
                           timeout_s: float = 600.0, token: str = "") -> None:
         """Join the learner's weight-broadcast group as ranks ``rank_base ..``."""
-        self.backend.init_weight_group(host, port, world_size, rank_base, backend, timeout_s, token)
-        self._group_token = token
+        # The engine is driven from this thread here: keep generation out meanwhile.
+        self._gate.begin_update()
+        try:
+            self.backend.init_weight_group(host, port, world_size, rank_base, backend, timeout_s, token)
+            self._group_token = token
+        finally:
+            self._gate.end_update(None)
 
+    @ray.method(concurrency_group=WEIGHTS_GROUP)
     def receive_weights_broadcast(self, version: Optional[int] = None) -> dict:
+        self._gate.begin_update()
         t = time.perf_counter()
-        count = self.backend.receive_broadcast()
-        return {"load_s": time.perf_counter() - t, "tensors": count, "version": self._bump(version)}
-
-    def weights_version(self) -> int:
-        return self._version
+        start = time.monotonic()
+        try:
+            count = self.backend.receive_broadcast()
+        except BaseException:
+            # Broadcast buckets are loaded as they arrive: assume some were.
+            self._give_up(True, "the weight broadcast failed")
+            raise
+        new = self._gate.end_update(self._next_version(version))
+        self._record("broadcast", start, new)
+        return {"load_s": time.perf_counter() - t, "tensors": count, "version": new}
 
 
 def create_rollout_workers(cfg: RunConfig, namespace: Optional[str] = None,
@@ -657,5 +880,6 @@ def create_rollout_workers(cfg: RunConfig, namespace: Optional[str] = None,
     return handles
 
 
-__all__ = ["HFBackend", "RolloutBackend", "RolloutWorker", "VLLMBackend", "VLLMWeightSyncExtension",
-           "create_rollout_workers", "hf_sequence_logprobs", "keep_plain_cpu_linear_weights"]
+__all__ = ["EngineGate", "HFBackend", "PartialWeightsError", "RolloutBackend", "RolloutWorker", "VLLMBackend",
+           "VLLMWeightSyncExtension", "create_rollout_workers", "hf_sequence_logprobs",
+           "keep_plain_cpu_linear_weights"]

@@ -42,6 +42,7 @@ vLLM's model ``load_weights`` maps them onto its fused q/k/v and gate/up paramet
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import uuid
 from contextlib import contextmanager
@@ -75,6 +76,11 @@ BUCKET_RAMP = 3
 # Wrapper prefixes that are not part of the model's own parameter names.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 _STORE_PREFIX = "twodrl-weight-sync"
+# Per-bucket deadline when neither the caller nor the workers name one
+# (rollout.sync_timeout_s is the configured value).
+DEFAULT_SYNC_TIMEOUT_S = 600.0
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- naming
@@ -647,13 +653,13 @@ def _ensure_collective(learners: list, workers: list, backend: str, timeout_s: f
     key = _group_key(learners, workers)
     state = _GROUPS.get(key)
     if state is not None:
-        current = ray.get([w.weight_group_token.remote() for w in workers])
+        current = ray.get([w.weight_group_token.remote() for w in workers], timeout=timeout_s)
         if current == state.worker_tokens:
             return state
-    ranks_per_worker = ray.get([w.weight_group_ranks.remote() for w in workers])
+    ranks_per_worker = ray.get([w.weight_group_ranks.remote() for w in workers], timeout=timeout_s)
     world_size = 1 + sum(ranks_per_worker)
     token = uuid.uuid4().hex[:12]
-    host, port = ray.get(learners[0].weight_sync_endpoint.remote(world_size, timeout_s))
+    host, port = ray.get(learners[0].weight_sync_endpoint.remote(world_size, timeout_s), timeout=timeout_s)
     base = 1
     calls = []
     for w, n in zip(workers, ranks_per_worker):
@@ -666,22 +672,106 @@ def _ensure_collective(learners: list, workers: list, backend: str, timeout_s: f
     return state
 
 
+def iter_stream(stream: Any, timeout_s: Optional[float] = None, what: str = "stream") -> Iterator[Any]:
+    """The refs of a Ray streaming generator, each within ``timeout_s`` of the one
+    before (``None``: no limit); a producer that stalls raises ``GetTimeoutError``."""
+    while True:
+        ready, _ = ray.wait([stream], num_returns=1, timeout=timeout_s)
+        if not ready:
+            raise ray.exceptions.GetTimeoutError(f"{what}: no new bucket within {timeout_s:g}s")
+        try:
+            yield next(stream)
+        except StopIteration:
+            return
+
+
 def stream_from_learners(learners: list, transport: str, bucket_bytes: int,
                          timeout_s: Optional[float] = None) -> Iterator[Any]:
     """Start :meth:`WeightSenderMixin.stream_weights` on every learner rank and yield
-    rank 0's bucket refs as they are packed; then wait for the other ranks (under
-    ZeRO-3 they only take part in the gathers) so their errors surface."""
+    rank 0's bucket refs as they are packed, each within ``timeout_s`` of the last;
+    then wait for the other ranks (under ZeRO-3 they only take part in the gathers) so
+    their errors surface."""
     streams = [r.stream_weights.options(num_returns="streaming").remote(transport, bucket_bytes)
                for r in learners]
-    yield from streams[0]
-    for stream in streams[1:]:
-        ray.get(list(stream), timeout=timeout_s)
+    yield from iter_stream(streams[0], timeout_s, "learner rank 0")
+    for rank, stream in enumerate(streams[1:], start=1):
+        ray.get(list(iter_stream(stream, timeout_s, f"learner rank {rank}")), timeout=timeout_s)
+
+
+def await_in_order(calls: Sequence[Sequence[Any]], timeout_s: float, first_timeout_s: Optional[float] = None,
+                   clock: Callable[[], float] = time.monotonic) -> list[int]:
+    """Wait until every actor has run its calls (``calls[k]``: refs of actor ``k``, which
+    runs them one after another). An actor that finishes none of its remaining calls
+    for ``timeout_s`` (``first_timeout_s`` before its first one, counted from now) is
+    taken for hung: the indices of those are returned and their calls left alone.
+    Errors are not raised here: a failed call counts as finished (``ray.get`` it)."""
+    now = clock()
+    first = timeout_s if first_timeout_s is None else first_timeout_s
+    pos = [0] * len(calls)
+    since = [now] * len(calls)
+    allow = [first] * len(calls)
+    finished: set = set()
+    late: list[int] = []
+    while True:
+        active = [k for k in range(len(calls)) if k not in late and pos[k] < len(calls[k])]
+        if not active:
+            return late
+        deadline = min(since[k] + allow[k] for k in active)
+        waiting = [ref for k in active for ref in calls[k][pos[k]:] if ref not in finished]
+        ready, _ = ray.wait(waiting, num_returns=1, timeout=max(0.0, deadline - clock()), fetch_local=False)
+        finished.update(ready)
+        now = clock()
+        for k in active:
+            moved = False
+            while pos[k] < len(calls[k]) and calls[k][pos[k]] in finished:
+                pos[k] += 1
+                moved = True
+            if moved:
+                since[k], allow[k] = now, timeout_s
+            elif pos[k] < len(calls[k]) and now >= since[k] + allow[k]:
+                late.append(k)
+
+
+def _worker_deadlines(workers: list, timeout_s: Optional[float]) -> tuple[float, float]:
+    """``(per-bucket timeout, allowance for the first bucket)``. The first bucket of an
+    update waits for the generation already running on the engine (actors.rollout's
+    EngineGate), so it is also allowed a generate call's deadline. Unset values come
+    from the workers (``rollout.sync_timeout_s`` / ``call_timeout_s`` via their
+    ``deadlines()``), else DEFAULT_SYNC_TIMEOUT_S."""
+    answers: list[dict] = []
+    try:
+        answers = ray.get([w.deadlines.remote() for w in workers], timeout=60)
+    except (AttributeError, ray.exceptions.RayError) as e:  # older receivers, or one down
+        log.debug("weight sync: no deadlines from the rollout workers (%s)", e)
+    per_bucket = timeout_s if timeout_s is not None else max(
+        [float(a.get("sync", 0.0)) for a in answers] or [DEFAULT_SYNC_TIMEOUT_S])
+    generate = max([float(a.get("generate", 0.0)) for a in answers] or [0.0])
+    return per_bucket, per_bucket + generate
+
+
+def _restart_hung(workers: list, late: list[int], what: str) -> None:
+    """Kill rollout workers that missed the sync's deadline, with a restart: Ray brings
+    each back from its constructor (initial weights, version 0), and the driver's
+    stale-version check re-syncs it before its samples are used."""
+    for k in late:
+        log.warning("weight sync: rollout worker %d made no progress on %s in time; restarting it", k, what)
+        ray.kill(workers[k], no_restart=False)
+
+
+def _abort_updates(workers: list, reason: str, timeout_s: float) -> None:
+    """Close the half-sent update on every worker, so generation waiting on it goes on
+    (best effort: the sync is failing anyway)."""
+    refs = [w.abort_weight_update.remote(reason) for w in workers]
+    try:
+        ray.get(refs, timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - the original error is the one to report
+        log.warning("weight sync: could not close the abandoned update on every worker: %s", e)
 
 
 TRANSPORTS = ("auto", "shared_memory", "object_store", "collective")
 
 
-def resolve_transport(transport: str, learners: list, workers: list) -> str:
+def resolve_transport(transport: str, learners: list, workers: list, timeout_s: Optional[float] = None) -> str:
     """``auto``: NCCL ``collective`` on a GPU cluster; on CPU, ``shared_memory`` when
     learner rank 0 and every rollout worker share a node, else ``object_store``. An
     explicit ``shared_memory`` is checked the same way, so a worker on another node is
@@ -692,7 +782,7 @@ def resolve_transport(transport: str, learners: list, workers: list) -> str:
         return transport
     if transport == "auto" and ray.cluster_resources().get("GPU", 0) > 0:
         return "collective"
-    nodes = ray.get([learners[0].node_id.remote()] + [w.node_id.remote() for w in workers])
+    nodes = ray.get([learners[0].node_id.remote()] + [w.node_id.remote() for w in workers], timeout=timeout_s)
     same_node = all(n == nodes[0] for n in nodes[1:])
     if transport == "auto":
         return "shared_memory" if same_node else "object_store"
@@ -711,7 +801,7 @@ def sync_weights(
     bucket_mb: float = DEFAULT_BUCKET_MB,
     version: Optional[int] = None,
     backend: Optional[str] = None,
-    timeout_s: float = 600.0,
+    timeout_s: Optional[float] = None,
 ) -> dict:
     """Push the learner's current weights into every rollout worker, in place.
 
@@ -723,12 +813,21 @@ def sync_weights(
     With ``shared_memory`` and ``object_store`` the buckets are streamed: learner rank
     0 is a Ray streaming generator, and each bucket is handed to every worker (one
     ``load_weight_bucket`` call per worker and bucket) as soon as it is packed, so
-    packing and loading overlap. ``finish_weight_update`` then closes the update.
-    Workers run one call at a time, so a sync waits for a running ``generate``.
+    packing and loading overlap. ``finish_weight_update`` then closes the update. On
+    a worker the first bucket waits for a running ``generate`` and a ``generate`` asked
+    for mid-update waits for the finish (actors.rollout's EngineGate).
+
+    Deadlines: ``timeout_s`` per bucket (default: the workers' ``rollout.sync_timeout_s``)
+    for the learner to pack the next one and for each worker to load its next one; the
+    first bucket also gets a generate call's deadline (it may wait for one). A worker
+    that misses it is restarted by Ray and listed in ``restarted`` (the driver re-syncs
+    it when its samples come back stale); a learner that misses it fails the sync, and
+    the workers' open update is aborted so nothing waits on it.
 
     Returns timings: ``total_s``, ``send_s`` (until the last bucket was packed / sent),
     ``load_s`` (slowest receiver's time spent loading), ``bytes``, ``buckets``,
-    ``tensors``, ``version``, ``transport`` (the resolved one).
+    ``tensors``, ``version``, ``transport`` (the resolved one), ``restarted`` (indices
+    of workers restarted for missing the deadline).
     """
     learners = _learner_handles(learner_group)
     workers = list(rollout_workers)
@@ -739,21 +838,37 @@ def sync_weights(
     bucket_bytes = max(1, int(bucket_mb * (1 << 20)))
     version = int(version) if version is not None else next(_VERSION)
     t0 = time.perf_counter()
-    transport = resolve_transport(transport, learners, workers)
-    stats: dict[str, Any] = {}
+    timeout_s, first_timeout_s = _worker_deadlines(workers, timeout_s)
+    transport = resolve_transport(transport, learners, workers, timeout_s)
+    stats: dict[str, Any] = {"bytes": 0, "buckets": 0}
+    loads: list[dict] = []
+    late: list[int] = []
     if transport in ("object_store", "shared_memory"):
-        pending = []
-        for ref in stream_from_learners(learners, transport, bucket_bytes, timeout_s):
-            # A top-level ObjectRef argument is resolved before the call runs: the
-            # worker gets the descriptor (for object_store, a zero-copy view of the
-            # bucket in the node's store). Calls to one actor run in submission order.
-            pending.extend(w.load_weight_bucket.remote(ref) for w in workers)
+        calls: list[list] = [[] for _ in workers]
+        try:
+            for ref in stream_from_learners(learners, transport, bucket_bytes, timeout_s):
+                # A top-level ObjectRef argument is resolved before the call runs: the
+                # worker gets the descriptor (for object_store, a zero-copy view of the
+                # bucket in the node's store). A worker runs its weight calls one at a
+                # time, in the order they were sent.
+                for k, w in enumerate(workers):
+                    calls[k].append(w.load_weight_bucket.remote(ref))
+        except BaseException as e:
+            started = [w for k, w in enumerate(workers) if calls[k]]
+            if started:
+                _abort_updates(started, f"the learner's bucket stream failed ({type(e).__name__})", timeout_s)
+            raise
         send_s = time.perf_counter() - t0
-        finishes = [w.finish_weight_update.remote(version) for w in workers]
-        ray.get(pending, timeout=timeout_s)  # a failed bucket load surfaces here
-        loads = ray.get(finishes, timeout=timeout_s)
-        del pending  # the object-store buckets can go now
-        stats = {"bytes": loads[0]["bytes"], "buckets": loads[0]["buckets"]}
+        for k, w in enumerate(workers):
+            calls[k].append(w.finish_weight_update.remote(version))
+        late = await_in_order(calls, timeout_s, first_timeout_s)
+        _restart_hung(workers, late, "its weight buckets")
+        live = [k for k in range(len(workers)) if k not in late]
+        ray.get([ref for k in live for ref in calls[k][:-1]])  # a failed bucket load surfaces here
+        loads = ray.get([calls[k][-1] for k in live])
+        del calls  # the object-store buckets can go now
+        if loads:
+            stats = {"bytes": loads[0]["bytes"], "buckets": loads[0]["buckets"]}
     elif transport == "collective":
         if backend is None:
             # The driver itself may sit on a CPU head node: decide by the cluster.
@@ -762,7 +877,20 @@ def sync_weights(
         t_setup = time.perf_counter()
         sends = [r.broadcast_weights.remote(bucket_bytes) for r in learners]
         recvs = [w.receive_weights_broadcast.remote(version) for w in workers]
-        out = ray.get(sends + recvs, timeout=timeout_s)
+        # One call each carries every bucket: the whole broadcast gets the first
+        # bucket's allowance plus the per-bucket deadline.
+        late = await_in_order([[ref] for ref in sends + recvs], timeout_s, first_timeout_s + timeout_s)
+        if late:
+            # A member that stalls breaks the group for all: restart the hung rollout
+            # workers, forget the group (rebuilt next time) and fail this sync.
+            _GROUPS.pop(_group_key(learners, workers), None)
+            hung_workers = [k - len(sends) for k in late if k >= len(sends)]
+            _restart_hung(workers, hung_workers, "the weight broadcast")
+            raise ray.exceptions.GetTimeoutError(
+                f"sync_weights: the weight broadcast did not finish in time on "
+                f"{[f'learner rank {k}' for k in late if k < len(sends)] + [f'rollout worker {k}' for k in hung_workers]}"
+            )
+        out = ray.get(sends + recvs)
         sent = out[0]
         loads = out[len(sends):]
         send_s = sent["send_s"]
@@ -773,15 +901,17 @@ def sync_weights(
         "version": version,
         "total_s": total,
         "send_s": send_s,
-        "load_s": max(l["load_s"] for l in loads),
-        "tensors": loads[0]["tensors"],
+        "load_s": max([l["load_s"] for l in loads] or [0.0]),
+        "tensors": loads[0]["tensors"] if loads else 0,
+        "restarted": late,
         **stats,
     }
 
 
 __all__ = [
-    "BufferPool", "DEFAULT_BUCKET_MB", "SegmentSlots", "TRANSPORTS", "WeightGroup", "WeightSenderMixin",
-    "WeightSourceActor", "broadcast_weights", "consume_buckets", "hf_param_name", "iter_broadcast_buckets",
+    "BufferPool", "DEFAULT_BUCKET_MB", "DEFAULT_SYNC_TIMEOUT_S", "SegmentSlots", "TRANSPORTS", "WeightGroup",
+    "WeightSenderMixin", "WeightSourceActor", "await_in_order", "broadcast_weights", "consume_buckets",
+    "hf_param_name", "iter_broadcast_buckets", "iter_stream",
     "iter_object_store_buckets", "iter_packed_buckets", "named_full_parameters", "open_bucket", "resolve_transport",
     "stream_buckets", "stream_from_learners", "sync_weights", "weight_plan",
 ]

@@ -13,6 +13,15 @@ the ``id`` of its item and results are de-duplicated by id, so each item comes b
 exactly once, in the input order. An actor whose restarts are used up is dropped from
 the pool; if no actor is left, :class:`WorkQueueError` names the unfinished ids.
 
+A hung actor (alive, but its call never returns) is treated like a dead one. With a
+per-call deadline (``call_timeout_s``, or what the actors' optional ``deadlines()``
+method names for the method, e.g. ``rollout.call_timeout_s``), a call that has run
+longer than that is taken for hung: the actor is killed with a restart
+(``ray.kill(..., no_restart=False)``, which uses one of its ``max_restarts``), its
+calls then fail like a death's, and the same re-queueing follows. A call's clock
+starts when the actor can start it: actors run one call at a time, so a queued chunk
+is not charged for the one ahead of it.
+
 Actors in the pool must have a method taking ``(items: list[dict], **kwargs)`` and
 returning one ``dict`` per item with the same ``id``, plus a cheap ``ready()`` method.
 """
@@ -42,6 +51,7 @@ class WorkQueueStats:
     chunks_failed: int = 0
     items_requeued: int = 0
     duplicates_dropped: int = 0
+    timeouts: int = 0  # calls past their deadline (their actor was restarted)
     actor_failures: dict[int, int] = field(default_factory=dict)  # pool index -> failures
     actors_lost: list[int] = field(default_factory=list)
 
@@ -52,6 +62,7 @@ class WorkQueueStats:
             "chunks_failed": self.chunks_failed,
             "items_requeued": self.items_requeued,
             "duplicates_dropped": self.duplicates_dropped,
+            "timeouts": self.timeouts,
             "actor_failures": sum(self.actor_failures.values()),
             "actors_lost": len(self.actors_lost),
         }
@@ -81,6 +92,9 @@ class WorkQueue:
         max_attempts: how often one chunk may fail before the queue gives up (a chunk
             that kills every actor it touches must not loop forever).
         method_kwargs: extra keyword arguments for every call.
+        call_timeout_s: seconds one call may run before its actor is taken for hung
+            and restarted. ``None``: ask the actors (their ``deadlines()[method]``, if
+            they have that method); no deadline when none answers.
     """
 
     def __init__(
@@ -93,6 +107,7 @@ class WorkQueue:
         restart_timeout_s: float = 300.0,
         max_attempts: int = 4,
         method_kwargs: Optional[dict[str, Any]] = None,
+        call_timeout_s: Optional[float] = None,
     ):
         if not actors:
             raise ValueError("WorkQueue needs at least one actor")
@@ -106,8 +121,17 @@ class WorkQueue:
         self.restart_timeout_s = restart_timeout_s
         self.max_attempts = max_attempts
         self.method_kwargs = dict(method_kwargs or {})
+        if call_timeout_s is not None and not call_timeout_s > 0:
+            raise ValueError(f"call_timeout_s must be > 0, got {call_timeout_s}")
+        self.call_timeout_s = call_timeout_s if call_timeout_s is not None else _asked_deadline(self.actors, method)
         self.stats = WorkQueueStats()
         self._dead: set[int] = set()
+        # Per actor: its in-flight calls in submission order (it runs them in that
+        # order) and when the first of them could start; actors killed for a timeout
+        # whose calls have not all come back yet.
+        self._queued: dict[int, collections.deque] = collections.defaultdict(collections.deque)
+        self._clock: dict[int, float] = {}
+        self._killed: set[int] = set()
 
     # ------------------------------------------------------------------ public
 
@@ -154,10 +178,14 @@ class WorkQueue:
                     f"every actor of the pool for {self.method!r} is dead (restarts used up); "
                     f"{sum(len(c.items) for c in pending)} items unfinished, e.g. ids {unfinished}"
                 )
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self._wait_s())
+            if not ready:
+                self._kill_overdue()
+                continue
             ref = ready[0]
             index, chunk = in_flight.pop(ref)
             load[index] -= 1
+            self._returned(index, ref)
             try:
                 out = ray.get(ref)
             except Exception as err:  # noqa: BLE001 - sorted below
@@ -180,8 +208,47 @@ class WorkQueue:
             chunk.attempts += 1
             ref = getattr(self.actors[index], self.method).remote(chunk.items, **self.method_kwargs)
             in_flight[ref] = (index, chunk)
+            if not self._queued[index]:
+                self._clock[index] = time.monotonic()
+            self._queued[index].append(ref)
             load[index] += 1
             self.stats.chunks_submitted += 1
+
+    def _returned(self, index: int, ref: Any) -> None:
+        """A call of actor ``index`` came back: the next one's clock starts now."""
+        queue = self._queued[index]
+        try:
+            queue.remove(ref)
+        except ValueError:
+            pass
+        self._clock[index] = time.monotonic()
+        if not queue:
+            self._killed.discard(index)  # every call of a killed actor is back
+
+    def _wait_s(self) -> Optional[float]:
+        """How long ``ray.wait`` may block: until the earliest deadline of a running
+        call (None: no deadline applies)."""
+        if self.call_timeout_s is None:
+            return None
+        starts = [self._clock[i] for i, q in self._queued.items() if q and i not in self._killed]
+        if not starts:
+            return None
+        return max(0.0, min(starts) + self.call_timeout_s - time.monotonic())
+
+    def _kill_overdue(self) -> None:
+        """Restart every actor whose running call is past its deadline. Its calls then
+        fail with an actor error and are re-queued by :meth:`_on_actor_failure`."""
+        now = time.monotonic()
+        for index, queue in self._queued.items():
+            if not queue or index in self._killed or now < self._clock[index] + self.call_timeout_s:
+                continue
+            self._killed.add(index)
+            self.stats.timeouts += 1
+            log.warning(
+                "actor %d: %s ran past its %.0fs deadline; restarting it and re-queueing its items",
+                index, self.method, self.call_timeout_s,
+            )
+            ray.kill(self.actors[index], no_restart=False)
 
     def _accept(self, chunk: _Chunk, out: Any, done: set) -> Iterator[dict]:
         if not isinstance(out, list):
@@ -225,6 +292,27 @@ class WorkQueue:
 
     def _wait_alive(self, index: int) -> bool:
         return wait_ready(self.actors[index], self.restart_timeout_s)
+
+
+def _asked_deadline(actors: Sequence[Any], method: str, timeout_s: float = 30.0) -> Optional[float]:
+    """The longest deadline the actors name for ``method`` through their optional
+    ``deadlines()`` method (``RolloutWorker`` has one); None if none does. An actor
+    that is down or slow to answer is skipped: this only picks a number."""
+    refs = []
+    for actor in actors:
+        try:
+            refs.append(actor.deadlines.remote())
+        except AttributeError:  # the actor class has no such method
+            return None
+    found = []
+    for ref in refs:
+        try:
+            value = ray.get(ref, timeout=timeout_s).get(method)
+        except (RayActorError, GetTimeoutError, ray.exceptions.RayError):
+            continue
+        if value is not None and value > 0:
+            found.append(float(value))
+    return max(found) if found else None
 
 
 def wait_ready(actor: Any, timeout_s: float = 300.0) -> bool:

@@ -1,4 +1,4 @@
-"""The methods side by side on the synthetic task (issue 8, items 1 and 2).
+"""The methods side by side on the synthetic task.
 
     python -m benchmarks.compare_methods [--json PATH] [--seeds 0 1 2] [--rounds 3]
         [--experiments methods,controllable,dpa-directions,beta] [--set k=v ...]
@@ -47,6 +47,8 @@ from benchmarks._setup import prepare_environment  # noqa: E402
 
 prepare_environment()
 
+from twodrl.diagnostics import BINS as CREDIT_BINS, credit_metric_keys  # noqa: E402
+
 ASPECTS = ["helpfulness", "correctness", "safety", "completeness", "clarity"]
 DEFAULT_WEIGHTS = [0.3, 0.4, 0.1, 0.1, 0.1]  # configs/quickstart.yaml
 # Display name → config algorithm. TDPO is the paper's TDPO2 variant.
@@ -77,6 +79,7 @@ ROW_KEYS = (
     + [f"eval/reward/{a}" for a in ASPECTS]
     + [f"reward/{a}" for a in ASPECTS]
     + [f"rm/agreement/{a}" for a in ASPECTS]
+    + credit_metric_keys()
 )
 
 
@@ -192,6 +195,63 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def credit_table(runs: dict[str, dict], names: Sequence[str] = tuple(METHODS)) -> tuple[list[str], list[list[str]]]:
+    """Per method, after the last round: the mean change of per-token log-prob of the
+    probe's chosen and rejected segments by weighted-rating bin, and the selectivity
+    (top-bin chosen segments minus chosen segments rated below 2), mean ± std over seeds."""
+    cols = [f"{side}/{b}" for side in ("chosen", "rejected") for b in CREDIT_BINS] + ["selectivity"]
+    rows = []
+    for name in names:
+        prefix = f"methods/{name}/seed="
+        lasts = [run["rows"][-1] for key, run in sorted(runs.items()) if key.startswith(prefix) and run.get("rows")]
+        if not lasts or not any(isinstance(r.get("credit/selectivity"), (int, float)) or
+                                isinstance(r.get("credit/chosen/3-4"), (int, float)) for r in lasts):
+            continue
+        rows.append([name, str(len(lasts))] + [fmt(mean_std(r.get(f"credit/{c}") for r in lasts), 3) for c in cols])
+    return ["method", "n seeds"] + cols, rows
+
+
+def plot_credit(data: dict, out_png: str | Path) -> Optional[Path]:
+    """Δ log-prob per token by segment rating bin, one line per method (mean over
+    seeds), chosen and rejected side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = data.get("runs", {})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    drawn = False
+    for name in METHODS:
+        prefix = f"methods/{name}/seed="
+        lasts = [run["rows"][-1] for key, run in sorted(runs.items()) if key.startswith(prefix) and run.get("rows")]
+        if not lasts:
+            continue
+        for ax, side in zip(axes, ("chosen", "rejected")):
+            means = [mean_std(r.get(f"credit/{side}/{b}") for r in lasts)[0] for b in CREDIT_BINS]
+            if all(math.isnan(m) for m in means):
+                continue
+            ax.plot(range(len(CREDIT_BINS)), means, marker="o", label=name)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    for ax, side in zip(axes, ("chosen", "rejected")):
+        ax.set_xticks(range(len(CREDIT_BINS)), CREDIT_BINS)
+        ax.set_xlabel("segment's weighted rating (0–4)")
+        ax.set_title(f"{side} segments of the held-out probe pairs")
+        ax.axhline(0.0, color="gray", linewidth=0.8)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Δ log-prob per token vs the warm start")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def results_tables(data: dict) -> str:
     """All Markdown tables of a comparison JSON."""
     runs, base = data.get("runs", {}), data.get("base", {})
@@ -206,6 +266,11 @@ def results_tables(data: dict) -> str:
     rows += [[name, str(v["weighted"][2]), *[fmt(v[c]) for c in cols]] for name, v in agg.items()]
     parts.append("Methods (held-out eval, last round; weighted with the default weights):\n\n"
                  + markdown_table(header, rows))
+    header_c, rows_c = credit_table(runs)
+    if rows_c:
+        parts.append("Segment credit after the last round (Δ log-prob per token of held-out probe segments since "
+                     "the warm start, by the segment's weighted rating; mean ± std over seeds):\n\n"
+                     + markdown_table(header_c, rows_c))
     pair = paired(runs, base, "methods", list(METHODS))
     if pair:
         n = next(iter(pair.values()))["rank"][2]
@@ -518,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", default="runs/compare_methods", help="run directories (metrics, checkpoints)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--plot", default="docs/figures/compare_methods.png")
+    ap.add_argument("--credit-plot", default="docs/figures/segment_credit.png",
+                    help="Δ log-prob by segment rating bin per method")
     ap.add_argument("--report-only", action="store_true", help="print the tables and plot from the JSON; run nothing")
     args = ap.parse_args(argv)
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
@@ -562,6 +629,10 @@ def main(argv: list[str] | None = None) -> int:
     print(tables)
     if args.plot and data.get("runs"):
         print(f"plot: {plot(data, args.plot)}")
+    if args.credit_plot and data.get("runs"):
+        out = plot_credit(data, args.credit_plot)
+        if out is not None:
+            print(f"credit plot: {out}")
     return 0
 
 

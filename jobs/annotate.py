@@ -3,6 +3,7 @@ segment of every response on every aspect.
 
     twodrl annotate --input pairs.jsonl --output helpsteer2d.jsonl \\
         [--base-url URL] [--model M] [--concurrency C] [--timeout S] [--max-retries N] \\
+        [--max-repairs N] \\
         [--budget-requests N] [--budget-tokens N] [--budget-usd X] [--cache PATH] \\
         [--config FILE] [--set annotator.x=y ...]
 
@@ -19,6 +20,10 @@ earlier failures; answers already paid for come from the cache (default
 ``OUTPUT.cache.sqlite``), so they are never bought twice. Every record is appended,
 flushed and fsynced on its own, so a kill -9 leaves at worst a truncated last line,
 which the next run cuts off.
+
+Budget: the caps (``--budget-*``) are for the whole job across its resumes: the cache
+records what every request cost, and a rerun starts from that spend (``--no-cache``:
+the caps count this invocation only).
 
 Exit status: 0 when every input was handled (annotated or recorded as a failure), 2 on
 a usage/config error, 3 when the run stopped early (budget exhausted, bad key).
@@ -48,6 +53,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, help="requests in flight (annotator.concurrency)")
     p.add_argument("--timeout", type=float, help="seconds per request (annotator.timeout_s)")
     p.add_argument("--max-retries", type=int, help="retries per request on 429/5xx/timeouts (annotator.max_retries)")
+    p.add_argument("--max-repairs", type=int,
+                   help="re-asks after a malformed reply before the pair fails (annotator.max_repairs)")
     p.add_argument("--budget-requests", type=int, help="stop after this many requests (annotator.max_requests)")
     p.add_argument("--budget-tokens", type=int, help="stop before this many tokens (annotator.max_tokens)")
     p.add_argument("--budget-usd", type=float, help="stop before this cost (annotator.max_cost_usd)")
@@ -127,7 +134,7 @@ def main(argv: list[str], prog: str = "twodrl annotate") -> int:
         return 2
     ann = cfg.annotator
     for flag, field_name in (("base_url", "base_url"), ("model", "model"), ("concurrency", "concurrency"),
-                             ("timeout", "timeout_s"), ("max_retries", "max_retries"),
+                             ("timeout", "timeout_s"), ("max_retries", "max_retries"), ("max_repairs", "max_repairs"),
                              ("budget_requests", "max_requests"), ("budget_tokens", "max_tokens"),
                              ("budget_usd", "max_cost_usd")):
         value = getattr(args, flag)
@@ -181,7 +188,7 @@ async def _run(cfg, src: Path, out: Path, args, prog: str) -> int:
     cache = None if args.no_cache else JudgeCache(args.cache or ann.cache_path or str(out) + ".cache.sqlite")
     try:
         client = ChatClient.from_config(ann, base_url=base_url)
-        pool = AnnotationPool(client, cache, aspects=aspects, pairwise=ann.pairwise)
+        pool = AnnotationPool(client, cache, aspects=aspects, pairwise=ann.pairwise, max_repairs=ann.max_repairs)
     except (ValueError, TemplateError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         if stop_server:
@@ -231,6 +238,7 @@ async def _run(cfg, src: Path, out: Path, args, prog: str) -> int:
     try:
         await pool.annotate(items(), on_result=on_result)
     finally:
+        s = pool.stats()  # while the cache (the run's spend) is still open
         bar.close()
         out_fh.close()
         fail_fh.close()
@@ -239,13 +247,15 @@ async def _run(cfg, src: Path, out: Path, args, prog: str) -> int:
             cache.close()
         if stop_server:
             stop_server()
-    s = pool.stats()
     print(
         f"{prog}: {counts['ok']} annotated, {counts['failed']} failed ({fail_path}); "
         f"{s['requests']} requests, {s['cache_hits']} cache hits, {s['repairs']} repairs, "
         f"{s['tokens']} tokens, ${s['cost_usd']:.4f}; skipped {len(done)} already done",
         file=sys.stderr,
     )
+    if "run_requests" in s:
+        print(f"{prog}: judge spend of this output so far (all runs): {s['run_requests']} requests, "
+              f"{s['run_tokens']} tokens, ${s['run_cost_usd']:.4f}", file=sys.stderr)
     if pool.stop_reason:
         print(f"{prog}: stopped early: {pool.stop_reason}; rerun to continue", file=sys.stderr)
         return 3

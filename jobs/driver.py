@@ -44,10 +44,12 @@ from tqdm.auto import tqdm
 
 from twodrl.checkpoint import (
     atomic_directory,
+    atomic_write_text,
     latest_checkpoint,
     prune_checkpoints,
     read_driver_state,
     round_dir,
+    verify_manifest,
     write_driver_state,
 )
 from twodrl.config import RunConfig, dump_config, to_dict
@@ -101,21 +103,27 @@ def connect_ray(cfg: RunConfig, namespace: str) -> str:
     return ray.get_runtime_context().gcs_address
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Readers (and a resumed run) see the old file or the new one, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _wait_names_free(names: list[str], namespace: str, timeout_s: float = 60.0) -> None:
+    """Block until killed actors' names are released, so the new group's actors are
+    created fresh instead of re-attaching to the dying ones."""
+    deadline = time.monotonic() + timeout_s
+    for name in names:
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name, namespace=namespace)
+            except ValueError:
+                break
+            time.sleep(0.2)
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class JudgeBudgetExhausted(RuntimeError):
+    """The run's judge budget is spent; the job stops (exit code 3) and can be resumed."""
 
 
 class RayMetricsSink:
@@ -173,13 +181,19 @@ class OnlineDriver:
         self._stop_judge: Callable[[], None] | None = None
         self._directions: dict[str, list[float]] = {}  # DPA: prompt id -> direction v
         self._replay_rng = random.Random(cfg.seed + 1)
+        self.learner_restarts = 0  # learner groups rebuilt after a rank died
+        self._credit_probe: tuple[list[dict], list] | None = None  # probe pairs, their log-probs then
+        self._faults_fired: set[str] = set()
         self.logger: MetricsLogger | None = None
 
     # ------------------------------------------------------------------ set-up
 
     def setup(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(self.cfg, self.run_dir / "config.yaml")
+        if not (self.resume and (self.run_dir / "config.yaml").exists()):
+            # A resumed run keeps the config it started with (its changes go to
+            # resumes.jsonl, see twodrl.rundir).
+            dump_config(self.cfg, self.run_dir / "config.yaml")
         address = connect_ray(self.cfg, namespace=self.namespace)
         (self.run_dir / "ray.json").write_text(
             json.dumps({"address": address, "namespace": self.namespace, "run_name": self.run_name}, indent=2)
@@ -192,8 +206,6 @@ class OnlineDriver:
             random.seed(self.cfg.seed)  # restored from the checkpoint otherwise
         if last is not None:
             self._restore(*last)
-        elif (self.run_dir / "metrics.jsonl").exists():
-            (self.run_dir / "metrics.jsonl").unlink()  # a fresh run in a used directory
         self.logger = MetricsLogger(
             self.run_dir,
             self.aspects,
@@ -238,12 +250,25 @@ class OnlineDriver:
         self.learner = PolicyLearnerGroup(cfg, self.namespace)
 
     def _restore(self, round_idx: int, path: Path) -> None:
+        self._restore_state(round_idx, path)
+        truncate_metrics(self.run_dir / "metrics.jsonl", round_idx)
+        logged = {r.get("round") for r in read_metrics(self.run_dir / "metrics.jsonl")}
+        # Killed between the checkpoint's rename and the metrics write: log it on set-up.
+        state = read_driver_state(path, restore=False)
+        self._unlogged_row = state.get("metrics") if round_idx not in logged and state.get("metrics") else None
+        print(f"[twodrl] resumed after round {round_idx} from {path}")
+
+    def _restore_state(self, round_idx: int, path: Path) -> None:
+        """The driver's, learner's and scorers' state as of the checkpoint of
+        ``round_idx``, pushed to the rollout workers as a new weights version."""
+        verify_manifest(path, nested=False)  # the learner checks its own part when it loads it
         state = read_driver_state(path)
         self.cursor = PromptCursor.from_state(state["cursor"])
         self.next_round = round_idx + 1
         self.planned_prompts = state.get("planned_prompts", 0)
         self.completed_prompts = state.get("completed_prompts", 0)
         self.weights_version = state.get("weights_version", 0)
+        self.learner_restarts = max(self.learner_restarts, state.get("learner_restarts", 0))
         self._resume_requests = state.get("pending_requests")
         self._directions.update(state.get("pending_directions") or {})
         if (self.run_dir / "warmstart").is_dir():
@@ -255,12 +280,71 @@ class OnlineDriver:
         if (self.run_dir / "reward_model").is_dir():
             ray.get([s.load.remote(str(self.run_dir / "reward_model")) for s in self.scorers])
         self.baseline = self._read_baseline()
+        self._read_credit_probe()
         self._sync_weights()
-        truncate_metrics(self.run_dir / "metrics.jsonl", round_idx)
-        logged = {r.get("round") for r in read_metrics(self.run_dir / "metrics.jsonl")}
-        # Killed between the checkpoint's rename and the metrics write: log it on set-up.
-        self._unlogged_row = state.get("metrics") if round_idx not in logged and state.get("metrics") else None
-        print(f"[twodrl] resumed after round {round_idx} from {path}")
+
+    # ------------------------------------------------------------------ faults
+
+    def _fault_point(self, stage: str, round_idx: int) -> None:
+        """Test-only fault injection: ``TWODRL_TEST_FAULTS=learner-1@train@1,…`` kills the
+        named actor when the driver reaches that stage of that round (once each), so
+        every recovery path can be tested deterministically. An environment variable,
+        not a config field, so no config can switch it on by accident."""
+        spec = os.environ.get("TWODRL_TEST_FAULTS")
+        if not spec:
+            return
+        from actors.common import kill_actor
+
+        for fault in spec.split(","):
+            name, at_stage, at_round = fault.strip().split("@")
+            if at_stage == stage and int(at_round) == round_idx and fault not in self._faults_fired:
+                self._faults_fired.add(fault)
+                # Learner ranks never restart (a broken collective); other roles do.
+                restart = not name.startswith("learner-")
+                print(f"[twodrl] test fault: killing {name} at {stage} of round {round_idx}", flush=True)
+                kill_actor(name, self.namespace, no_restart=not restart)
+
+    def _learner_alive(self) -> bool:
+        try:
+            ray.get([r.ready.remote() for r in self.learner.ranks], timeout=60)
+            return True
+        except Exception:  # noqa: BLE001 - any failure to answer means the group is gone
+            return False
+
+    def _recover_learner(self, error: BaseException) -> int:
+        """Rebuild the learner group after a rank died and continue from the last round
+        checkpoint (in this process: the rollout workers, scorers and annotators keep
+        running). Returns the round to run next."""
+        from actors.learner import PolicyLearnerGroup
+
+        self.learner_restarts += 1
+        print(f"[twodrl] learner failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+              f"rebuilding it ({self.learner_restarts}/{self.cfg.learner.max_failures})", flush=True)
+        if self._pending is not None:
+            self._pending.cancel()  # an overlapped rollout is redrawn from the checkpoint
+        self._pending = None
+        try:  # rank 0 may be alive and own the weight-sync segment
+            self.learner.close_weight_segments(timeout_s=10)
+        except Exception:  # noqa: BLE001 - best effort: the segment is swept later anyway
+            pass
+        self.learner.shutdown()
+        _wait_names_free([f"learner-{i}" for i in range(self.cfg.learner.num_ranks)] + ["reference-0"], self.namespace)
+        self.learner = PolicyLearnerGroup(self.cfg, self.namespace, validate=False)
+        last = latest_checkpoint(self.run_dir)
+        if last is None:  # nothing finished yet: round 0 again, from the start
+            self.cursor = PromptCursor(len(self.train_prompts), seed=self.cfg.seed)
+            self.planned_prompts = self.completed_prompts = 0
+            self._directions.clear()
+            self._credit_probe = None  # drawn again by the redone round 0
+            random.seed(self.cfg.seed)
+            self._sync_weights()
+            return 0
+        round_idx, path = last
+        self._resume_requests = None
+        self._restore_state(round_idx, path)
+        if self._resume_requests:
+            self._pending = self._pool.submit(self.rollout, self._resume_requests, self.cfg.rollout.samples_per_prompt)
+        return round_idx + 1
 
     # ------------------------------------------------------------------ stages
 
@@ -373,7 +457,8 @@ class OnlineDriver:
             {"id": str(i), "prompt": s.prompt, "response": s.text, "history": s.history} for i, s in enumerate(samples)
         ]
         results = run_work_queue(
-            self.scorers, items, method="score", chunk_size=self.cfg.scorer.batch_size, progress=self.progress, desc="score"
+            self.scorers, items, method="score", chunk_size=self.cfg.scorer.batch_size, progress=self.progress, desc="score",
+            call_timeout_s=self.cfg.scorer.call_timeout_s,
         )
         for r in results:
             s = samples[int(r["id"])]
@@ -391,6 +476,7 @@ class OnlineDriver:
         before = ray.get([a.stats.remote() for a in self.annotators])
         outs = ray.get([a.annotate_responses.remote(shard) for a, shard in zip(self.annotators, shards) if shard])
         after = ray.get([a.stats.remote() for a in self.annotators])
+        self._check_budget(after)
         judged: list[Any] = [None] * len(samples)
         for out in outs:
             for r in out:
@@ -481,12 +567,26 @@ class OnlineDriver:
         shards = [list(range(k, len(items), len(self.annotators))) for k in range(len(self.annotators))]
         outs = ray.get([a.annotate_pairs.remote([items[i] for i in shard])
                         for a, shard in zip(self.annotators, shards) if shard])
+        self._check_budget(ray.get([a.stats.remote() for a in self.annotators]))
         rated: list[list[dict] | None] = [None] * len(items)
         for shard, out in zip([sh for sh in shards if sh], outs):
             for i, r in zip(shard, out):
                 if r.get("scores") is not None:
                     rated[i] = r["scores"]
         return rated
+
+    def _check_budget(self, stats: list[dict]) -> None:
+        """The run-wide judge budget (kept in the run's SQLite store, so it holds across
+        annotators, restarts and resumes) is spent: stop at this point, with the last
+        round's checkpoint as the place a resume with a larger cap continues from."""
+        if any(st.get("budget_exceeded") for st in stats):
+            spent = max(stats, key=lambda st: st.get("run_cost_usd", 0.0))
+            raise JudgeBudgetExhausted(
+                f"the judge budget is spent (run total: {spent.get('run_requests', '?')} requests, "
+                f"{spent.get('run_tokens', '?')} tokens, ${spent.get('run_cost_usd', 0.0):.2f}; caps "
+                f"annotator.max_requests={self.cfg.annotator.max_requests}, max_tokens={self.cfg.annotator.max_tokens}, "
+                f"max_cost_usd={self.cfg.annotator.max_cost_usd}). Raise the cap and continue with --resume."
+            )
 
     def _baseline_path(self) -> Path:
         return self.run_dir / "eval" / "baseline.jsonl"
@@ -496,7 +596,7 @@ class OnlineDriver:
         resumed run) are judged against exactly these."""
         self.baseline = [{"id": p.id, "prompt": s.prompt, "text": s.text, "segments": s.segments}
                          for s, p in zip(samples, self.eval_prompts)]
-        _atomic_write_text(self._baseline_path(), "".join(json.dumps(b) + "\n" for b in self.baseline))
+        atomic_write_text(self._baseline_path(), "".join(json.dumps(b) + "\n" for b in self.baseline))
 
     def _read_baseline(self) -> list[dict] | None:
         path = self._baseline_path()
@@ -592,7 +692,7 @@ class OnlineDriver:
         # ``id`` is the task's own prompt id (a dataset row's), ``request`` the round's.
         out = self.run_dir / "rounds" / f"round-{round_idx:04d}.prompts.json"
         drawn = [self.train_prompts[i] for _, i in picks]
-        _atomic_write_text(out, json.dumps({"round": round_idx, "prompts": [
+        atomic_write_text(out, json.dumps({"round": round_idx, "prompts": [
             {"epoch": e, "index": i, "id": p.id, "prompt": p.text, "request": f"r{round_idx}-e{e}-p{i}"}
             for (e, i), p in zip(picks, drawn)]}, indent=1))
         return requests
@@ -615,6 +715,7 @@ class OnlineDriver:
             stage_time += time.perf_counter() - t0
 
         requests = None
+        self._fault_point("rollout", round_idx)
         if pending is None:
             requests = self._plan_prompts(round_idx)
             pending = self._pool.submit(self.rollout, requests, cfg.rollout.samples_per_prompt)
@@ -639,9 +740,11 @@ class OnlineDriver:
             next_pending = self._pool.submit(self.rollout, next_requests, cfg.rollout.samples_per_prompt)
         metrics["rollout/prompts_planned"] = cfg.rollout.prompts_per_round
 
+        self._fault_point("score", round_idx)
         metrics["time/score_s"] = self.score(samples)
         stage_time += metrics["time/score_s"]
         audit = [s for s in samples if random.random() < cfg.annotator.fraction]
+        self._fault_point("annotate", round_idx)
         judged, annotate_metrics = self.annotate(audit) if audit and self.annotators else ([], {"time/annotate_s": 0.0, "annotate/requests": 0, "annotate/failures": 0, "annotate/cost_usd": 0.0})
         for k, v in annotate_metrics.items():
             metrics[k] = metrics.get(k, 0) + v if k in metrics else v
@@ -653,14 +756,18 @@ class OnlineDriver:
                 s.scores = [list(map(float, row)) for row in judge_scores]
         metrics.update(reward_summary(samples, self.weights, self.aspects))
 
+        self._fault_point("train", round_idx)
         t0 = time.perf_counter()
         metrics.update(self.train(groups))
+        metrics.update(self.credit())
         metrics["time/train_s"] = metrics.get("time/train_s", 0.0) + time.perf_counter() - t0
         stage_time += time.perf_counter() - t0
+        self._fault_point("sync", round_idx)
         sync_s = self._sync_weights()
         metrics["time/sync_s"] = metrics.get("time/sync_s", 0.0) + sync_s
         stage_time += sync_s
 
+        self._fault_point("eval", round_idx)
         t0 = time.perf_counter()
         if round_idx > 0 and self._eval_due(round_idx):  # after this round's training
             eval_metrics = self.evaluate(round_idx)
@@ -670,6 +777,8 @@ class OnlineDriver:
         metrics["time/eval_s"] = time.perf_counter() - t0
         stage_time += metrics["time/eval_s"]
 
+        self._fault_point("checkpoint", round_idx)
+        metrics["recovery/learner_restarts"] = self.learner_restarts
         t0 = time.perf_counter()
         self.checkpoint(round_idx, metrics)
         metrics["time/checkpoint_s"] = time.perf_counter() - t0
@@ -685,14 +794,58 @@ class OnlineDriver:
         DPO family), PPO-clip with adaptive masks (APPO), or rejection-sampling
         fine-tuning on the best sample along each prompt's direction (DPA-RSF)."""
         algorithm = self.cfg.algorithm
+        if algorithm in ("appo", "dpa-rsf"):
+            # These train on samples, not pairs: the probe is still drawn from the
+            # round's best/worst pairs, but nothing is held out of training.
+            self._hold_out_probe(select_pairs(groups, self.weights, self.aspects), hold_out=False)
         if algorithm == "appo":
             return self.learner.train_appo(groups, self.weights, self.aspects)
         if algorithm == "dpa-rsf":
             return self._train_dpa(groups)
-        pairs = select_pairs(groups, self.weights, self.aspects)
+        pairs = self._hold_out_probe(select_pairs(groups, self.weights, self.aspects))
         out = self.learner.train_round(pairs, algorithm) if pairs else {}
         out["train/pairs"] = len(pairs)
         return out
+
+    # ------------------------------------------------------------------ segment credit
+
+    def _credit_probe_path(self) -> Path:
+        return self.run_dir / "credit_probe.json"
+
+    def _hold_out_probe(self, pairs: list[dict], hold_out: bool = True) -> list[dict]:
+        """The first round with pairs sets a few of them aside, for good, as the probe of
+        the segment-credit diagnostic, and records their per-token log-probs under the
+        policy the preference rounds start from (``RUN_DIR/credit_probe.json``)."""
+        n = min(self.cfg.eval.credit_probe_pairs, len(pairs) // 8)
+        if self._credit_probe is not None or n == 0:
+            return pairs
+        from twodrl.diagnostics import split_probe_pairs
+
+        probe, rest = split_probe_pairs(pairs, n, seed=self.cfg.seed)
+        before = self.learner.segment_logprobs(probe)
+        atomic_write_text(self._credit_probe_path(),
+                          json.dumps({"pairs": probe, "before": [b.as_dict() for b in before]}))
+        self._credit_probe = (probe, before)
+        return rest if hold_out else pairs
+
+    def _read_credit_probe(self) -> None:
+        from twodrl.diagnostics import PairSegmentLogps
+
+        path = self._credit_probe_path()
+        if path.is_file():
+            doc = json.loads(path.read_text())
+            self._credit_probe = (doc["pairs"], [PairSegmentLogps.from_dict(x) for x in doc["before"]])
+
+    def credit(self) -> dict:
+        """``credit/<side>/<rating bin>``: mean change of per-token log-prob of the probe's
+        segments since the probe was drawn, by chosen/rejected and by the segment's
+        weighted rating (see :mod:`twodrl.diagnostics`)."""
+        if self._credit_probe is None:
+            return {}
+        from twodrl.diagnostics import credit_metrics
+
+        probe, before = self._credit_probe
+        return credit_metrics(probe, before, self.learner.segment_logprobs(probe), self.aspects, self.weights)
 
     def _train_dpa(self, groups: list[list[ScoredSample]]) -> dict:
         from twodrl.dpa import select_winners
@@ -738,7 +891,7 @@ class OnlineDriver:
         """Held-out responses of the round with their segment × aspect ratings, to read
         what the policy actually says (``RUN_DIR/samples/round-000K.jsonl``)."""
         out = self.run_dir / "samples" / f"round-{round_idx:04d}.jsonl"
-        _atomic_write_text(out, "".join(
+        atomic_write_text(out, "".join(
             json.dumps({"id": p.id, "prompt": s.prompt, "history": s.history, "system": s.system, "text": s.text,
                         "segments": s.segments, "scores": s.scores}) + "\n"
             for s, p in zip(self.last_eval_samples, self.eval_prompts)))
@@ -766,6 +919,7 @@ class OnlineDriver:
                     "planned_prompts": self.planned_prompts,
                     "completed_prompts": self.completed_prompts,
                     "weights_version": self.weights_version,
+                    "learner_restarts": self.learner_restarts,
                     # Overlap scheduling: next round's prompts are already drawn (the
                     # cursor includes them); a resumed run samples exactly these.
                     "pending_requests": getattr(self, "_next_requests", None),
@@ -799,9 +953,21 @@ class OnlineDriver:
         resume_requests = getattr(self, "_resume_requests", None)
         if resume_requests and self.next_round < self.total_rounds:
             self._pending = self._pool.submit(self.rollout, resume_requests, self.cfg.rollout.samples_per_prompt)
-        bar = tqdm(range(self.next_round, self.total_rounds), desc="rounds", disable=not self.progress)
-        for r in bar:
-            rows.append(self.run_round(r, pending=self._pending))
+        bar = tqdm(total=self.total_rounds, initial=self.next_round, desc="rounds", disable=not self.progress)
+        r = self.next_round
+        while r < self.total_rounds:
+            try:
+                rows.append(self.run_round(r, pending=self._pending))
+            except Exception as e:  # noqa: BLE001 - re-raised unless it is a learner failure
+                if self._learner_alive() or self.learner_restarts >= self.cfg.learner.max_failures:
+                    raise
+                r = self._recover_learner(e)
+                rows = [row for row in rows if row["round"] < r]
+                bar.n = r
+                continue
+            r += 1
+            bar.update(1)
+        bar.close()
         return rows
 
     def shutdown(self) -> None:

@@ -3,7 +3,8 @@
 
 Joins the Ray cluster named by ``RAY_ADDRESS`` (or ``ray.address``), else starts a
 local one. Everything that can be checked before an actor starts is checked first:
-the config (unknown keys, types, aspect weights) and the prompt dataset.
+the config (unknown keys, types, values), the task (every prompt row of a dataset, the
+prompts too long for the policy) and that the task has a judge where it needs one.
 """
 
 from __future__ import annotations
@@ -24,41 +25,80 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         help="override a config field, e.g. --set learner.beta=0.5 (repeatable)")
     parser.add_argument("--run-dir", help="where metrics, checkpoints and plots go (default: runs/<name>)")
     parser.add_argument("--resume", action="store_true", help="continue after the last completed round in --run-dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in a --run-dir that holds one; the old run is moved to "
+                             "RUN_DIR/.previous-<time>/, not deleted")
     return parser
 
 
-def preflight(cfg: RunConfig, source: str) -> None:
-    """Checks that need no actor: a prompt dataset that does not load is reported now,
-    naming its file, line and field."""
-    if cfg.task.dataset:
-        from twodrl.data import load_records
+def preflight(cfg: RunConfig, source: str):
+    """Checks that need no actor; returns the run's task. A prompt dataset that does not
+    load is reported now, naming its file, line and field, and so is a task that needs
+    a judge the config does not name."""
+    from twodrl.tasks import prepare_task
 
-        load_records(cfg.task.dataset, aspects=cfg.aspects.names, strict=True)
+    if cfg.task.name != "synthetic" and cfg.task.dataset is None:
+        raise ConfigError(f"{source}: task.name is {cfg.task.name!r} but task.dataset names no prompt dataset")
+    if cfg.task.name == "synthetic" and (cfg.task.dataset or cfg.task.eval_dataset or cfg.task.sft_dataset):
+        # A dataset is never silently ignored.
+        raise ConfigError(f"{source}: task.dataset / eval_dataset / sft_dataset are set but task.name is "
+                          "'synthetic'; set task.name=dataset to use them")
+    from twodrl.annotation.client import check_budget_config
+
+    check_budget_config(cfg.annotator)  # a cost cap the job could not count is refused now
+    task = prepare_task(cfg)
+    if task.local_judge is None and cfg.annotator.base_url is None:
+        needs = [f for f, v in (("annotator.fraction", cfg.annotator.fraction),
+                                ("scorer.rm_train_responses", cfg.scorer.rm_train_responses)) if v > 0]
+        if needs:
+            raise ConfigError(
+                f"{source}: the {task.name} task has no built-in judge, and {' and '.join(needs)} > 0 need one: "
+                "set annotator.base_url to an OpenAI-compatible endpoint (its key in the variable "
+                f"annotator.api_key_env = {cfg.annotator.api_key_env}), or set {' and '.join(needs)} to 0 "
+                "(the reward model at scorer.model.path then rates everything, and eval has no win rate)"
+            )
+    return task
 
 
 def main(argv: list[str] | None = None, prog: str = "twodrl run") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        preflight(cfg, args.config)
+        task = preflight(cfg, args.config)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = Path(args.run_dir or Path("runs") / (cfg.run_name or f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    if args.resume and not run_dir.is_dir():
-        print(f"error: --resume: run directory {run_dir} does not exist", file=sys.stderr)
+    from twodrl.config import to_dict
+    from twodrl.rundir import RunDirError, open_run_dir
+
+    new_config = to_dict(cfg)
+    if new_config.get("run_name") is None:
+        new_config["run_name"] = run_dir.name  # what the driver fills in and saves
+    try:
+        # Held until the job ends: one job per run directory.
+        lock, log = open_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite, new_config=new_config,
+                                 argv=list(sys.argv[1:] if argv is None else argv))
+    except RunDirError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
+    for line in log:
+        print(f"[twodrl] {line}")
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if cfg.learner.num_gpus_per_rank == 0 else "cuda")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-    from jobs.driver import OnlineDriver
+    from jobs.driver import JudgeBudgetExhausted, OnlineDriver
 
-    driver = OnlineDriver(cfg, run_dir, resume=args.resume)
+    driver = OnlineDriver(cfg, run_dir, resume=args.resume, task=task)
     try:
         driver.setup()
         rows = driver.run()
+    except JudgeBudgetExhausted as e:
+        print(f"[twodrl] stopped: {e}", file=sys.stderr)
+        return 3
     finally:
         driver.shutdown()
+        lock.release()
     if rows:
         last = rows[-1]
         print(f"[twodrl] done: {len(rows)} round(s) in {run_dir}; last eval/reward/weighted = {last.get('eval/reward/weighted')}")

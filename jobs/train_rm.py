@@ -10,6 +10,10 @@ with another seed, minus any response also in the training set, plus
 ``scorer.eval_data`` files. Writes ``OUT/`` (the checkpoint: config.json,
 model.safetensors, tokenizer), ``OUT/train_metrics.jsonl`` (one line per epoch) and
 ``OUT/eval.json``, and prints the per-aspect evaluation table.
+
+``OUT`` is replaced whole, so it must be absent, empty or a reward model this command
+wrote (it leaves ``twodrl_reward_model.json`` there); anything else is refused before
+the model loads, unless ``--overwrite``, which moves it aside to ``OUT.previous-<time>``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override (dotted key), repeatable")
     p.add_argument("--out", help="checkpoint directory (default: scorer.output_dir or runs/<run_name>/reward_model)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out may be a non-empty directory train-rm did not write: it is moved aside to OUT.previous-<time>")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -105,6 +111,18 @@ def main(argv: list[str], prog: str = "twodrl train-rm") -> int:
     except ConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
+    from twodrl.rundir import RunDirError, check_output_dir
+
+    out = Path(args.out) if args.out else output_dir(cfg)
+    try:
+        # Before the model loads: the save replaces the whole directory, so a wrong
+        # --out must stop the command before any time is spent.
+        moved = check_output_dir(out, overwrite=args.overwrite)
+    except RunDirError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    if moved is not None:
+        print(f"moved the previous contents of {out} to {moved}")
     import torch
 
     from twodrl.models.loading import load_reward_model, load_tokenizer, save_pretrained_safe
@@ -121,7 +139,6 @@ def main(argv: list[str], prog: str = "twodrl train-rm") -> int:
     except ConfigError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {sc.model.path} ({type(model).__name__}, {n_params / 1e6:.2f}M parameters), aspects {aspects}")
@@ -129,7 +146,11 @@ def main(argv: list[str], prog: str = "twodrl train-rm") -> int:
     t0 = time.time()
     stats = train_reward_model(model, tok, train, sc, progress=progress, seed=cfg.seed, log=lines.append)
     train_s = time.time() - t0
-    save_pretrained_safe(model, tok, out)
+    from twodrl.rundir import REWARD_MODEL_MARKER, reward_model_marker
+
+    # The marker lets a later train-rm replace this directory without --overwrite.
+    marker = reward_model_marker(aspects, base_model=sc.model.path, mode=sc.mode)
+    save_pretrained_safe(model, tok, out, extra_files={REWARD_MODEL_MARKER: marker})
     # Metrics next to (not inside) the checkpoint dir contents that loaders read.
     with open(out / "train_metrics.jsonl", "w") as f:
         for line in lines:

@@ -163,6 +163,12 @@ class RolloutConfig:
     # few percent faster, but every weight sync then rebuilds the packed copies (a full
     # reload instead of an in-place copy: ~4x slower sync, benchmarks/bench_weight_sync).
     cpu_prepack_weights: bool = False
+    # Deadlines (seconds). A generate chunk that runs longer than call_timeout_s is
+    # taken for a hung engine: the work queue kills the worker (Ray restarts it) and
+    # re-queues its requests. A weight sync fails a worker that makes no progress on
+    # its buckets for sync_timeout_s (actors/weight_sync.py).
+    call_timeout_s: float = ranged(1800.0, 0, None, "()")
+    sync_timeout_s: float = ranged(600.0, 0, None, "()")
 
 
 @dataclass
@@ -175,6 +181,9 @@ class ScorerConfig:
     num_cpus: float = ranged(0.25, 0)
     tensor_parallel_size: int = ranged(1, 1)
     max_restarts: int = ranged(2, 0)
+    # A score chunk running longer than this is taken for a hung scorer: it is killed
+    # (Ray restarts it) and its items re-queued (actors/workqueue.py).
+    call_timeout_s: float = ranged(900.0, 0, None, "()")
     # Reward-model training (round 0 and `twodrl train-rm`).
     train_epochs: int = ranged(3, 1)
     train_lr: float = ranged(1e-3, 0, 1, "(]")
@@ -221,6 +230,12 @@ class AnnotatorConfig:
 @dataclass
 class LearnerConfig:
     num_ranks: int = ranged(2, 1)
+    # How long the ranks wait for each other when the group forms (and for any later
+    # collective of the learner's process group) before failing instead of hanging.
+    init_timeout_s: float = ranged(600.0, 0, None, "()")
+    # A rank that dies ends the group (its collective is broken): the driver rebuilds the
+    # group from the last round checkpoint, at most this many times per run.
+    max_failures: int = ranged(2, 0, 100)
     zero_stage: Literal[0, 1, 2, 3] = 2
     lr: float = ranged(5e-4, 0, 1, "(]")
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -266,6 +281,10 @@ class EvalConfig:
     every_rounds: int = ranged(1, 1)
     num_prompts: int = ranged(32, 1)
     max_new_tokens: int = ranged(96, 1)  # < policy.max_length (validate_run_config)
+    # Segment-credit diagnostic (twodrl.diagnostics): at most this many of the first
+    # round's pairs are held out of training, and the per-segment change of their
+    # log-probs is logged every round as credit/*. 0: off.
+    credit_probe_pairs: int = ranged(32, 0, 10_000)
 
 
 @dataclass

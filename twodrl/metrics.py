@@ -44,8 +44,13 @@ def round_metric_keys(aspects: Sequence[str] = DEFAULT_ASPECTS) -> list[str]:
         "annotate/requests",
         "annotate/failures",
         "annotate/cost_usd",
+        "eval/win_rate",
+        "recovery/learner_restarts",
     ]
     keys += [f"rm/agreement/{a}" for a in aspects]
+    from twodrl.diagnostics import credit_metric_keys
+
+    keys += credit_metric_keys()
     return keys
 
 

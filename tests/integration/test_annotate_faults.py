@@ -1,8 +1,9 @@
 """Acceptance of the annotation pool (issue 5) against the real local judge over HTTP:
 
 * 200 pairs under 20% 5xx, 10% 429, 5% replies slower than the timeout and 10%
-  malformed replies: no crash, every input either annotated with valid scores for all
-  five aspects and every segment, or in the failures file with a reason;
+  malformed replies (repair rounds included): no crash, at least 95% annotated with
+  valid scores for all five aspects and every segment, every other input in the
+  failures file with a reason;
 * kill -9 of the `twodrl annotate` process mid-run, then a rerun: the server receives
   no request whose answer was already in the cache, and the output is intact;
 * the API key (a unique fake one the server insists on) appears in no file written;
@@ -101,12 +102,14 @@ def test_200_pairs_under_faults(tmp_path, monkeypatch):
         server.stop()
     assert rc == 0
     done, failed = check_outputs(out, 200, recs)
-    # Faults really happened, and the pool still annotated the large majority.
+    # Faults really happened, and the pool still annotated ≥ 95%: with one repair a
+    # five-aspect pair fails when any aspect gets two bad answers in a row (≈ 11% of
+    # pairs here); the default two repairs make that ≈ 2%.
     assert stats["by_fault"]["500"] > 100 and stats["by_fault"]["429"] > 50 and stats["by_fault"]["slow"] > 20
     assert stats["by_fault"]["malformed"] > 50
-    assert len(done) >= 150, f"only {len(done)} annotated; failures: {len(failed)}"
+    assert len(done) >= 190, f"only {len(done)} of 200 annotated; failures: {len(failed)}"
     reasons = [json.loads(x)["reason"] for x in Path(str(out) + ".failures.jsonl").read_text().splitlines()]
-    assert all("malformed judge reply after one repair" in r or "gave up after" in r for r in reasons)
+    assert all("malformed judge reply after 2 repairs" in r or "gave up after" in r for r in reasons), reasons
     assert_key_in_no_file(tmp_path)
 
 

@@ -1,5 +1,6 @@
 """The pool end to end over real HTTP: ratings equal the task's rules, the cache makes
-reruns free, malformed replies get one repair, budgets and bad items never crash it."""
+reruns free, malformed replies get up to ``max_repairs`` repairs, budgets (run-wide
+through the cache file) and bad items never crash it."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def items_of(records):
 
 
 def annotate(server, items, cache=None, **kw):
-    pool_kw = {k: kw.pop(k) for k in ("pairwise",) if k in kw}
+    pool_kw = {k: kw.pop(k) for k in ("pairwise", "max_repairs") if k in kw}
     kw.setdefault("backoff_base_s", 0.01)
     kw.setdefault("backoff_max_s", 0.05)
 
@@ -92,8 +93,41 @@ def test_persistently_malformed_fails_with_reason(serve, records, tmp_path):
     cache = JudgeCache(tmp_path / "c.sqlite")
     results, pool = annotate(s, items_of(records[:2]), cache)
     for r in results:
-        assert not r.ok and "malformed judge reply after one repair" in r.error and "segment" in r.error
-    assert s.stats()["requests"] == 20 and len(cache) == 0 and pool.stats()["failures"] == 2
+        assert not r.ok and "malformed judge reply after 2 repairs" in r.error and "segment" in r.error
+    # 2 items × 5 aspects × (the question + 2 repairs), each repair counted.
+    assert s.stats()["requests"] == 30 and len(cache) == 0 and pool.stats()["failures"] == 2
+    assert pool.stats()["repairs"] == 20 and pool.stats()["repair_failures"] == 10
+    # Malformed answers are not cached, but they were paid for: the run's spend has them.
+    assert cache.spend().requests == 30 and cache.spend().tokens > 0
+
+
+@pytest.mark.parametrize("max_repairs", [0, 1, 3])
+def test_max_repairs_is_the_number_of_re_asks(serve, records, max_repairs):
+    s = serve(rate_wrong_count=1.0)
+    (r,), pool = annotate(s, items_of(records[:1]), max_repairs=max_repairs)
+    assert not r.ok and f"after {max_repairs} repair" in r.error
+    assert r.repairs == 5 * max_repairs and pool.stats()["repairs"] == 5 * max_repairs
+    assert s.stats()["requests"] == 5 * (max_repairs + 1)
+
+
+def test_second_repair_rescues_what_the_first_could_not(serve, records, tmp_path):
+    # Every answer is garbled except those to a conversation with 3+ user turns (the
+    # second repair): one repair would fail every aspect, two repair them all.
+    s = serve(rate_wrong_count=1.0)
+    real_draw = s.record_and_draw
+
+    def draw(messages):
+        fault = real_draw(messages)
+        return "ok" if sum(1 for m in messages if m.get("role") == "user") >= 3 else fault
+
+    s.record_and_draw = draw
+    cache = JudgeCache(tmp_path / "c.sqlite")
+    (r,), pool = annotate(s, items_of(records[:1]), cache)
+    assert r.ok and r.repairs == 10 and r.scores[0] == records[0]["chosen"]["scores"]
+    assert s.stats()["requests"] == 15
+    # A rerun asks nothing: the good answer is cached under the original question too.
+    (again,), _ = annotate(s, items_of(records[:1]), cache)
+    assert again.ok and again.requests == 0 and s.stats()["requests"] == 15
 
 
 def test_single_mode_and_one_response_items(serve, records):

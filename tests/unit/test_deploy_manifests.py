@@ -7,6 +7,13 @@
   config its entrypoint names (the real planner, the real entrypoint parser).
 * No plaintext secrets, images pinned by tag or digest, /dev/shm in memory, the metrics
   port consistent between Ray, the pods and the configs.
+* Nobody gets in uninvited: Ray token authentication on every Ray container and the
+  job submitter (the token from a Secret, the same one KubeRay's ``authOptions`` names);
+  a NetworkPolicy beside every cluster that admits only the cluster's own pods, the
+  operator namespaces (dashboard/job API and client port) and Prometheus (metrics port),
+  checked against the labels KubeRay will actually put on the pods; every container
+  non-root, without capabilities or privilege escalation, on a read-only root
+  filesystem with writable /tmp and home, under the RuntimeDefault seccomp profile.
 
 Kustomize itself is not installed here, so :func:`kustomize_build` implements the small
 part of it these overlays use — ``resources``, ``patches`` (JSON 6902 operation lists,
@@ -216,11 +223,25 @@ def _yaml_docs(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
+RAY_KINDS = {"RayCluster", "RayJob"}
+
+
 def all_manifests() -> list[tuple[str, dict]]:
+    """The Ray resources (the NetworkPolicies beside them are checked by UNITS)."""
     out = [(f"{p.relative_to(ROOT)}", d) for p in (K8S / "raycluster.yaml", K8S / "rayjob.yaml") for d in _yaml_docs(p)]
     for overlay in OVERLAYS:
         out += [(f"{overlay.relative_to(ROOT)} ({r['kind']})", r) for r in kustomize_build(overlay)]
-    return out
+    return [(name, r) for name, r in out if r["kind"] in RAY_KINDS]
+
+
+def all_units() -> list[tuple[str, list[dict]]]:
+    """What is applied together: the interactive cluster with its policy, the base
+    kustomization, each overlay."""
+    units = [("deploy/k8s/raycluster.yaml + networkpolicy-raycluster.yaml",
+              _yaml_docs(K8S / "raycluster.yaml") + _yaml_docs(K8S / "networkpolicy-raycluster.yaml")),
+             ("deploy/k8s (kustomize)", kustomize_build(K8S))]
+    units += [(f"{overlay.relative_to(ROOT)} (kustomize)", kustomize_build(overlay)) for overlay in OVERLAYS]
+    return units
 
 
 def cluster_spec(resource: dict) -> dict:
@@ -236,18 +257,22 @@ def pod_templates(resource: dict) -> list[tuple[str, dict]]:
     return out
 
 
-def containers(resource: dict):
+def containers(resource: dict, ray_nodes_only: bool = False):
     for where, template in pod_templates(resource):
+        if ray_nodes_only and where == "submitter":
+            continue
         for c in template["spec"].get("initContainers", []) + template["spec"]["containers"]:
             yield where, template, c
 
 
 MANIFESTS = all_manifests()
 IDS = [name for name, _ in MANIFESTS]
+UNITS = all_units()
 
 
 def test_the_expected_files_exist():
     for rel in ("Dockerfile", "k8s/raycluster.yaml", "k8s/rayjob.yaml", "k8s/kustomization.yaml",
+                "k8s/networkpolicy.yaml", "k8s/networkpolicy-raycluster.yaml",
                 "grafana/twodrl.json", "prometheus/prometheus.yml"):
         assert (DEPLOY / rel).is_file(), rel
     assert {p.name for p in OVERLAYS} >= {"small", "large"}
@@ -286,7 +311,15 @@ def test_kustomize_patch_application():
 def test_raycluster_and_rayjob_describe_the_same_cluster():
     cluster = _yaml_docs(K8S / "raycluster.yaml")[0]
     job = _yaml_docs(K8S / "rayjob.yaml")[0]
-    assert job["spec"]["rayClusterSpec"] == cluster["spec"], "rayjob.yaml's rayClusterSpec drifted from raycluster.yaml"
+    # Identical but for the deployment label, whose value is each resource's own name.
+    specs = []
+    for resource in (cluster, job):
+        spec = copy.deepcopy(cluster_spec(resource))
+        for where, template in pod_templates({"kind": "RayCluster", "spec": spec}):
+            labels = template["metadata"]["labels"]
+            assert labels.pop(CLUSTER_LABEL) == resource["metadata"]["name"], f"{where}: {CLUSTER_LABEL}"
+        specs.append(spec)
+    assert specs[0] == specs[1], "rayjob.yaml's rayClusterSpec drifted from raycluster.yaml"
 
 
 def _entrypoint(job: dict) -> tuple[str, list[str]]:
@@ -393,6 +426,7 @@ def test_pods_images_shm_and_metrics_port(name, resource):
     for where, template, c in containers(resource):
         assert image_is_pinned(c["image"]), f"{name} {where}: image {c['image']!r} is not pinned by tag or digest"
         assert c["image"].rsplit(":", 1)[-1].startswith(version), f"{name} {where}: image tag is not version {version}"
+    for where, template, c in containers(resource, ray_nodes_only=True):
         volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
         shm = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
         assert shm, f"{name} {where}: no /dev/shm volume (NCCL and Ray's object store need it)"
@@ -467,3 +501,216 @@ def test_dockerfile():
         m = re.search(rf"^{pkg}(?:\[[^\]]*\])?==(\S+)", lock, re.M | re.I)
         if m:
             assert m.group(1) == _dockerfile_arg(arg), f"{pkg}: lock {m.group(1)} ≠ image {_dockerfile_arg(arg)}"
+
+
+# --------------------------------------------------------------------------- access
+
+CLUSTER_LABEL = "twodrl.io/ray-cluster"  # set on every pod template; the RayJob policies select on it
+TOKEN_KEY = "auth_token"  # KubeRay reads the token from this key of authOptions.secretName
+OPERATOR_NAMESPACES = {"twodrl.io/operator": "true"}
+
+
+def _env(c: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+
+
+@pytest.mark.parametrize("name,resource", MANIFESTS, ids=IDS)
+def test_ray_token_auth_from_a_secret(name, resource):
+    spec = cluster_spec(resource)
+    auth = spec.get("authOptions") or {}
+    # authOptions makes the operator send the token on its own job-API calls and give it
+    # to the containers it adds (the workers' wait-gcs-ready check).
+    assert auth.get("mode") == "token", f"{name}: authOptions.mode must be 'token'"
+    secret = auth.get("secretName")
+    assert secret, f"{name}: authOptions.secretName must name the Secret holding the token"
+    assert _version(spec["rayVersion"]) >= (2, 52), f"{name}: Ray token authentication needs Ray ≥ 2.52"
+    seen = set()
+    for where, _, c in containers(resource):
+        env = _env(c)
+        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{name} {where} {c['name']}: RAY_AUTH_MODE≠token"
+        ref = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef")
+        # The same Secret and key the operator uses: one token for the whole cluster.
+        assert ref == {"name": secret, "key": TOKEN_KEY}, (
+            f"{name} {where} {c['name']}: RAY_AUTH_TOKEN must come from secretKeyRef {secret}/{TOKEN_KEY}, got {ref}"
+        )
+        seen.add(where)
+    if resource["kind"] == "RayJob":
+        assert "submitter" in seen, f"{name}: the submitter pod must be spelled out (token, securityContext)"
+
+
+def test_the_installed_ray_reads_these_variables():
+    """The variable names are the installed Ray's, not a guess."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray")
+    if spec is None or spec.origin is None:
+        pytest.skip("ray is not installed")
+    root = Path(spec.origin).parent
+    text = "".join(p.read_text(errors="replace") for p in (root / "_private").rglob("*.py") if "auth" in p.name)
+    text += (root / "exceptions.py").read_text(errors="replace")
+    assert '"RAY_AUTH_MODE"' in text and "RAY_AUTH_TOKEN" in text and '"token"' in text.lower()
+
+
+def _image_user() -> tuple[int, int, str]:
+    text = _dockerfile()
+    m = re.search(r"useradd\b[^\n]*--uid (\d+)[^\n]*--gid (\d+)", text)
+    home = re.search(r"useradd\b[^\n]*--home-dir (\S+)", text)
+    assert m and home, "deploy/Dockerfile must create its user with a fixed --uid, --gid and --home-dir"
+    user = re.findall(r"^USER (\S+)$", text, re.M)[-1]
+    assert user == f"{m.group(1)}:{m.group(2)}", f"USER {user} is not the created user {m.group(1)}:{m.group(2)}"
+    return int(m.group(1)), int(m.group(2)), home.group(1)
+
+
+@pytest.mark.parametrize("name,resource", MANIFESTS, ids=IDS)
+def test_every_container_is_locked_down(name, resource):
+    uid, gid, home = _image_user()
+    assert uid != 0 and gid != 0
+    for where, template in pod_templates(resource):
+        pod = template["spec"]
+        psc = pod.get("securityContext") or {}
+        assert psc.get("runAsNonRoot") is True and psc.get("runAsUser") == uid, f"{name} {where}: pod securityContext"
+        assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{name} {where}: pod seccompProfile"
+        for host in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not pod.get(host), f"{name} {where}: {host}"
+    for where, template, c in containers(resource):
+        what = f"{name} {where} {c['name']}"
+        sc = c.get("securityContext") or {}
+        assert sc.get("runAsNonRoot") is True, f"{what}: runAsNonRoot"
+        assert (sc.get("runAsUser"), sc.get("runAsGroup")) == (uid, gid), f"{what}: not the image's user {uid}:{gid}"
+        assert sc.get("allowPrivilegeEscalation") is False, f"{what}: allowPrivilegeEscalation"
+        assert not sc.get("privileged"), f"{what}: privileged"
+        caps = sc.get("capabilities") or {}
+        assert caps.get("drop") == ["ALL"] and not caps.get("add"), f"{what}: capabilities must drop ALL, add none"
+        assert sc.get("readOnlyRootFilesystem") is True, f"{what}: readOnlyRootFilesystem"
+        assert sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{what}: seccompProfile"
+        # What a read-only root needs: Ray's /tmp/ray and the user's caches, on emptyDirs.
+        mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
+        for path in ("/tmp", home):
+            assert path in mounts, f"{what}: nothing writable mounted at {path}"
+            assert "emptyDir" in volumes[mounts[path]["name"]], f"{what}: {path} must be an emptyDir"
+            assert not mounts[path].get("readOnly"), f"{what}: {path} must be writable"
+
+
+# KubeRay's own pod labels (ray-operator/controllers/ray/common/pod.go, labelPod, at the
+# commit of the CRDs): the template's labels win except for these three.
+_KUBERAY_FIXED = ("ray.io/cluster", "ray.io/node-type", "ray.io/group")
+
+
+def pod_labels(resource: dict) -> list[tuple[str, dict]]:
+    """(where, labels) of every pod KubeRay will create for ``resource``. A RayJob's
+    cluster is named ``<job>-<5 random characters>``, so ray.io/cluster is unknown in
+    advance (a made-up suffix stands for it)."""
+    name = resource["metadata"]["name"]
+    cluster = name if resource["kind"] == "RayCluster" else f"{name}-q7x2k"
+    spec = cluster_spec(resource)
+    groups = [("head", "headgroup", "head", spec["headGroupSpec"]["template"])]
+    groups += [(f"worker group {g['groupName']}", g["groupName"], "worker", g["template"]) for g in spec["workerGroupSpecs"]]
+    out = []
+    for where, group, node_type, template in groups:
+        labels = {"ray.io/is-ray-node": "yes", "app.kubernetes.io/name": "kuberay",
+                  "app.kubernetes.io/created-by": "kuberay-operator"}
+        labels.update({k: v for k, v in template["metadata"].get("labels", {}).items() if k not in _KUBERAY_FIXED})
+        labels.update({"ray.io/cluster": cluster, "ray.io/node-type": node_type, "ray.io/group": group})
+        out.append((where, labels))
+    if resource["kind"] == "RayJob":
+        template = resource["spec"].get("submitterPodTemplate") or {}
+        labels = dict(template.get("metadata", {}).get("labels", {}))
+        labels.update({"ray.io/originated-from-cr-name": name, "ray.io/originated-from-crd": "RayJob",
+                       "app.kubernetes.io/created-by": "kuberay-operator"})
+        out.append(("submitter", labels))
+    return out
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {"In": lambda: labels.get(key) in values, "NotIn": lambda: labels.get(key) not in values,
+              "Exists": lambda: key in labels, "DoesNotExist": lambda: key not in labels}[op]()
+        if not ok:
+            return False
+    return True
+
+
+def test_selector_semantics():
+    assert selects({}, {"a": "1"})  # the empty selector selects everything: policies must not use it
+    assert selects({"matchLabels": {"a": "1"}}, {"a": "1", "b": "2"}) and not selects({"matchLabels": {"a": "1"}}, {"a": "2"})
+    assert selects({"matchExpressions": [{"key": "a", "operator": "In", "values": ["1", "3"]}]}, {"a": "3"})
+    assert not selects({"matchExpressions": [{"key": "a", "operator": "Exists"}]}, {"b": "1"})
+
+
+_ALL_PODS = {r["metadata"]["name"]: pod_labels(r) for _, res in UNITS for r in res if r["kind"] in RAY_KINDS}
+
+
+def _policy_ports(rule: dict) -> set:
+    return {p.get("port") for p in rule.get("ports") or []}
+
+
+def _monitoring_namespace(resource: dict) -> str:
+    """Where Prometheus runs, from the head's RAY_PROMETHEUS_HOST (http://svc.NS.svc:port)."""
+    env = _env(cluster_spec(resource)["headGroupSpec"]["template"]["spec"]["containers"][0])
+    host = re.match(r"https?://([^/:]+)", env["RAY_PROMETHEUS_HOST"]["value"]).group(1)
+    return host.split(".")[1]
+
+
+@pytest.mark.parametrize("unit,resources", UNITS, ids=[u for u, _ in UNITS])
+def test_network_policy_admits_only_the_cluster_operators_and_prometheus(unit, resources):
+    rays = [r for r in resources if r["kind"] in RAY_KINDS]
+    policies = [r for r in resources if r["kind"] == "NetworkPolicy"]
+    assert rays, f"{unit}: no Ray resource"
+    assert policies, f"{unit}: no NetworkPolicy applied with the cluster"
+    for p in policies:
+        assert p["apiVersion"] == "networking.k8s.io/v1"
+        assert "Ingress" in p["spec"].get("policyTypes", []), f"{unit}: {p['metadata']['name']} must restrict Ingress"
+    for resource in rays:
+        name = resource["metadata"]["name"]
+        mine = pod_labels(resource)
+        nodes = [labels for where, labels in mine if where != "submitter"]
+        others = [labels for other, pods in _ALL_PODS.items() if other != name for _, labels in pods]
+        mine_policies = [p for p in policies if all(selects(p["spec"]["podSelector"], labels) for labels in nodes)]
+        assert len(mine_policies) == 1, f"{unit}: {len(mine_policies)} NetworkPolicies select every pod of {name}"
+        (policy,) = mine_policies
+        spec = policy["spec"]
+        assert not any(selects(spec["podSelector"], labels) for labels in others), (
+            f"{unit}: the policy of {name} also selects pods of another twodrl cluster"
+        )
+        head = cluster_spec(resource)["headGroupSpec"]["template"]["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+        access = {ports["dashboard"], ports["client"]}
+        monitoring = _monitoring_namespace(resource)
+        kinds = set()
+        for rule in spec.get("ingress") or []:
+            peers = rule.get("from") or []
+            assert peers, f"{unit}: an ingress rule without 'from' admits every source"
+            for peer in peers:
+                assert "ipBlock" not in peer, f"{unit}: ipBlock sources are not reviewed by this test"
+                if "podSelector" in peer and "namespaceSelector" not in peer:
+                    # Pods of this namespace: exactly this cluster's, the submitter included.
+                    sel = peer["podSelector"]
+                    assert sel.get("matchLabels") or sel.get("matchExpressions"), f"{unit}: empty podSelector"
+                    assert all(selects(sel, labels) for _, labels in mine), f"{unit}: {name}'s own pods are not admitted"
+                    assert not any(selects(sel, labels) for labels in others), f"{unit}: another cluster's pods admitted"
+                    kinds.add("cluster")
+                elif "namespaceSelector" in peer and "podSelector" not in peer:
+                    ns = peer["namespaceSelector"].get("matchLabels") or {}
+                    if ns == OPERATOR_NAMESPACES:
+                        assert rule.get("ports") and _policy_ports(rule) <= access, (
+                            f"{unit}: operator namespaces may reach only the dashboard/job API and client ports"
+                        )
+                        assert ports["dashboard"] in _policy_ports(rule), f"{unit}: the operator needs the job API"
+                        kinds.add("operator")
+                    elif ns == {"kubernetes.io/metadata.name": monitoring}:
+                        assert _policy_ports(rule) == {ports["metrics"]}, f"{unit}: monitoring may reach the metrics port only"
+                        kinds.add("monitoring")
+                    else:
+                        raise AssertionError(f"{unit}: unexpected namespace source {ns}")
+                else:
+                    raise AssertionError(f"{unit}: unexpected ingress source {peer}")
+        assert kinds == {"cluster", "operator", "monitoring"}, f"{unit}: ingress sources of {name}: {sorted(kinds)}"

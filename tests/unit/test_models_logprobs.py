@@ -101,7 +101,9 @@ def test_batched_logprobs_equal_unbatched(tok, model, pack):
         got = batch.response_values(response_logprobs(model, batch))
     for a, b in zip(got, singles):
         assert a.shape == b.shape
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        # float32 matmuls blocked differently by batch shape: rounding grows with the
+        # magnitude of a log-prob (≈40 for a rare token), hence the small relative term.
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
     # And the values are real log-probs, not a degenerate constant.
     assert torch.cat(singles).std() > 0.1
 

@@ -11,7 +11,11 @@ What it guarantees, whatever the server does:
   count in the budget is exact;
 * a budget (requests, tokens, USD) checked *before* each request with the in-flight
   requests reserved, so it is never overrun by more than estimation error; once spent
-  every further call raises :class:`BudgetExhausted` at once;
+  every further call raises :class:`BudgetExhausted` at once. With a ledger (the run's
+  answer cache, attached by the pool) the caps hold for the whole run: every process
+  sharing the file, and every resume, reads and adds to the same totals;
+* a warning when a key would travel in clear text (http://) to a host other than this
+  machine;
 * the API key is never logged and never appears in an exception message produced
   here (:func:`redact` scrubs server error text, which may echo a masked key).
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import ipaddress
 import logging
 import os
 import random
@@ -27,6 +32,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional, Sequence
+from urllib.parse import urlsplit
 
 import openai
 
@@ -74,10 +80,22 @@ def resolve_api_key(env_name: str, explicit: Optional[str] = None) -> Optional[s
     return os.environ.get(env_name) or None
 
 
+@dataclass(eq=False)
+class Spend:
+    """What one ``chat`` call cost (every attempt): tokens and USD the budget charged.
+    ``recorded`` once it is in the run's ledger, so it is never counted twice."""
+
+    tokens: int = 0
+    cost: float = 0.0
+    recorded: bool = False
+
+
 @dataclass
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # The call's spend, for the caller to record with the answer it stores (set by chat).
+    spend: Optional[Spend] = field(default=None, repr=False, compare=False)
 
     @property
     def total(self) -> int:
@@ -109,7 +127,12 @@ class ClientStats:
 @dataclass
 class Budget:
     """Caps on requests, tokens and cost; ``None`` = unlimited. In-flight requests
-    hold reservations (their estimated tokens and cost) until they settle."""
+    hold reservations (their estimated tokens and cost) until they settle.
+
+    Without a ledger the counts are this object's alone. With one (see
+    :meth:`attach_ledger`) the caps apply to the ledger's run-wide totals plus what
+    this process has in flight or has not yet recorded; ``used_*`` stay this process's
+    share (for its stats)."""
 
     max_requests: Optional[int] = None
     max_tokens: Optional[int] = None
@@ -121,28 +144,53 @@ class Budget:
     reserved_tokens: int = 0
     reserved_cost: float = 0.0
     exhausted: Optional[str] = field(default=None)
+    ledger: Optional[Any] = field(default=None, repr=False)  # e.g. JudgeCache
+    unrecorded_tokens: int = 0  # billed here, not yet in the ledger
+    unrecorded_cost: float = 0.0
 
     def __post_init__(self):
         if self.max_cost_usd is not None and self.price is None:
             raise ValueError("a cost budget needs a price for the model (see twodrl/annotation/pricing.py)")
+
+    def attach_ledger(self, ledger: Any) -> None:
+        """Count against ``ledger`` (``claim_request``, ``add_spend``, ``spend``), the
+        run's shared record, from now on."""
+        self.ledger = ledger
+
+    def _over(self, requests: int, tokens: int, cost: float, pend_tokens: int, pend_cost: float, scope: str) -> str:
+        """Why the next request may not be sent (caller knows that one cap is hit)."""
+        if self.max_requests is not None and requests >= self.max_requests:
+            return f"budget exhausted: {requests} of max_requests={self.max_requests} sent{scope}"
+        if self.max_tokens is not None and tokens + pend_tokens > self.max_tokens:
+            return (
+                f"budget exhausted: {tokens} tokens used{scope} (+{pend_tokens} in flight or next), "
+                f"next request would pass max_tokens={self.max_tokens}"
+            )
+        return (
+            f"budget exhausted: ${cost:.4f} spent{scope} (+${pend_cost:.4f} in flight or next), "
+            f"next request would pass max_cost_usd={self.max_cost_usd}"
+        )
 
     def reserve(self, est_prompt: int, est_completion: int) -> tuple[int, float]:
         if self.exhausted:
             raise BudgetExhausted(self.exhausted)
         est_tokens = est_prompt + est_completion
         est_cost = self.price.cost(est_prompt, est_completion) if self.price else 0.0
-        if self.max_requests is not None and self.used_requests >= self.max_requests:
-            self.exhausted = f"budget exhausted: {self.used_requests} of max_requests={self.max_requests} sent"
-        elif self.max_tokens is not None and self.used_tokens + self.reserved_tokens + est_tokens > self.max_tokens:
-            self.exhausted = (
-                f"budget exhausted: {self.used_tokens} tokens used (+{self.reserved_tokens} in flight), "
-                f"next request would pass max_tokens={self.max_tokens}"
-            )
-        elif self.max_cost_usd is not None and self.used_cost + self.reserved_cost + est_cost > self.max_cost_usd:
-            self.exhausted = (
-                f"budget exhausted: ${self.used_cost:.4f} spent (+${self.reserved_cost:.4f} in flight), "
-                f"next request would pass max_cost_usd={self.max_cost_usd}"
-            )
+        if self.ledger is not None:
+            pend_tokens = self.unrecorded_tokens + self.reserved_tokens + est_tokens
+            pend_cost = self.unrecorded_cost + self.reserved_cost + est_cost
+            run = self.ledger.claim_request(self.max_requests, self.max_tokens, self.max_cost_usd, pend_tokens, pend_cost)
+            if run is not None:
+                self.exhausted = self._over(run.requests, run.tokens, run.cost_usd, pend_tokens, pend_cost, " by the run")
+        else:
+            pend_tokens = self.reserved_tokens + est_tokens
+            pend_cost = self.reserved_cost + est_cost
+            if (
+                (self.max_requests is not None and self.used_requests >= self.max_requests)
+                or (self.max_tokens is not None and self.used_tokens + pend_tokens > self.max_tokens)
+                or (self.max_cost_usd is not None and self.used_cost + pend_cost > self.max_cost_usd)
+            ):
+                self.exhausted = self._over(self.used_requests, self.used_tokens, self.used_cost, pend_tokens, pend_cost, "")
         if self.exhausted:
             raise BudgetExhausted(self.exhausted)
         self.used_requests += 1
@@ -150,7 +198,7 @@ class Budget:
         self.reserved_cost += est_cost
         return est_tokens, est_cost
 
-    def settle(self, reservation: tuple[int, float], usage: Optional[Usage]) -> float:
+    def settle(self, reservation: tuple[int, float], usage: Optional[Usage], spend: Optional[Spend] = None) -> float:
         est_tokens, est_cost = reservation
         self.reserved_tokens -= est_tokens
         self.reserved_cost -= est_cost
@@ -159,7 +207,67 @@ class Budget:
         cost = self.price.cost(usage.prompt_tokens, usage.completion_tokens) if self.price else 0.0
         self.used_tokens += usage.total
         self.used_cost += cost
+        if self.ledger is not None:
+            self.unrecorded_tokens += usage.total
+            self.unrecorded_cost += cost
+            if spend is not None:
+                spend.tokens += usage.total
+                spend.cost += cost
         return cost
+
+    def mark_recorded(self, spend: Optional[Spend]) -> None:
+        """``spend`` has been written to the ledger by the caller (with an answer)."""
+        if spend is None or spend.recorded or self.ledger is None:
+            return
+        spend.recorded = True
+        self.unrecorded_tokens -= spend.tokens
+        self.unrecorded_cost -= spend.cost
+
+    def record(self, spend: Optional[Spend]) -> None:
+        """Write ``spend`` to the ledger on its own (no answer goes with it). On a write
+        error it stays unrecorded, so this process still counts it."""
+        if spend is None or spend.recorded or self.ledger is None:
+            return
+        self.ledger.add_spend(spend.tokens, spend.cost)
+        self.mark_recorded(spend)
+
+
+def check_budget_config(cfg: Any) -> None:
+    """Refuse an ``annotator`` config whose budget cannot be enforced, before anything
+    starts: caps must not be negative, and a cost cap needs the judge model's price
+    (a budget that silently counts $0 is no budget). Raises ``ValueError``."""
+    for name in ("max_requests", "max_tokens", "max_cost_usd", "price_input_per_mtok", "price_output_per_mtok"):
+        value = getattr(cfg, name, None)
+        if value is not None and value < 0:
+            raise ValueError(f"annotator.{name} must be ≥ 0, got {value}")
+    if getattr(cfg, "max_cost_usd", None) is not None:
+        price = price_for(cfg.model, cfg.price_input_per_mtok, cfg.price_output_per_mtok)
+        if price is None:
+            raise ValueError(
+                f"annotator.max_cost_usd is set but annotator.model {cfg.model!r} has no price: add it to "
+                "twodrl/annotation/pricing.py or set annotator.price_input_per_mtok / annotator.price_output_per_mtok"
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    name = host.strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(name.split("%", 1)[0])  # drop an IPv6 zone id
+    except ValueError:
+        return False  # a DNS name other than localhost: anything, possibly remote
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def sends_key_in_clear(base_url: str) -> bool:
+    """True when a bearer token sent to ``base_url`` would cross the network unencrypted:
+    not https, and the host is not this machine (127.0.0.0/8, ::1, localhost)."""
+    parts = urlsplit(base_url)
+    if parts.scheme.lower() == "https":
+        return False
+    return not _is_loopback(parts.hostname or "")
 
 
 class _Retryable(Exception):
@@ -227,6 +335,15 @@ class ChatClient:
         self.base_url = base_url
         self.model = model
         self._secret = api_key
+        if api_key and sends_key_in_clear(base_url):
+            # Once per client (here, not per request); only scheme and host are shown,
+            # since a URL may carry credentials of its own.
+            parts = urlsplit(base_url)
+            log.warning(
+                "annotator.base_url is plain %s to %s, which is not this machine: the judge API key "
+                "will cross the network unencrypted; use https:// (or a loopback address for a "
+                "local judge)", parts.scheme or "(no scheme)", parts.hostname or "(no host)",
+            )
         self.concurrency = concurrency
         self.timeout_s = float(timeout_s)
         self.max_retries = int(max_retries)
@@ -253,12 +370,8 @@ class ChatClient:
     @classmethod
     def from_config(cls, cfg: Any, *, base_url: str, api_key: Optional[str] = None, **overrides: Any) -> "ChatClient":
         """Build from an :class:`twodrl.config.AnnotatorConfig`."""
+        check_budget_config(cfg)
         price = price_for(cfg.model, cfg.price_input_per_mtok, cfg.price_output_per_mtok)
-        if cfg.max_cost_usd is not None and price is None:
-            raise ValueError(
-                f"annotator.max_cost_usd is set but model {cfg.model!r} has no price: add it to "
-                "twodrl/annotation/pricing.py or set annotator.price_input_per_mtok / price_output_per_mtok"
-            )
         budget = Budget(cfg.max_requests, cfg.max_tokens, cfg.max_cost_usd, price)
         kwargs = dict(
             base_url=base_url,
@@ -334,6 +447,28 @@ class ChatClient:
         return text, usage
 
     async def chat(self, messages: Sequence[Mapping[str, str]], expected_completion_tokens: int = 256) -> tuple[str, Usage]:
+        """The reply and its usage; ``usage.spend`` is what the call cost (all attempts),
+        for the caller to record in the ledger together with the answer it stores
+        (:meth:`Budget.mark_recorded`) or on its own (:meth:`Budget.record`)."""
+        spend = Spend()
+        try:
+            text, usage = await self._chat(messages, expected_completion_tokens, spend)
+        except BaseException:
+            # No answer to store with it: the spend goes to the ledger now.
+            self.record_spend(spend)
+            raise
+        usage.spend = spend
+        return text, usage
+
+    def record_spend(self, spend: Spend) -> None:
+        """Put ``spend`` in the run's ledger on its own (no answer is stored with it).
+        Never raises: on a write error it stays counted by this process's budget."""
+        try:
+            self.budget.record(spend)
+        except Exception as e:  # stays counted in this process; never mask the real error
+            log.warning("could not record judge spend in the run ledger: %s", e)
+
+    async def _chat(self, messages: Sequence[Mapping[str, str]], expected_completion_tokens: int, spend: Spend) -> tuple[str, Usage]:
         if self._sem is None:  # created lazily: it must belong to the running loop
             self._sem = asyncio.Semaphore(self.concurrency)
         est_prompt = estimate_tokens(messages)
@@ -361,7 +496,7 @@ class ChatClient:
                     self._fatal = str(e)
                     raise
                 finally:
-                    self.stats.cost_usd += self.budget.settle(reservation, billed)
+                    self.stats.cost_usd += self.budget.settle(reservation, billed, spend)
                     if usage is not None:
                         self.limiter.settle(est_prompt + expected_completion_tokens, usage.total)
                 if usage is not None:

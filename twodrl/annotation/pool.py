@@ -2,17 +2,24 @@
 
 One judge request = one aspect × (a pair of responses, or one response). An item with
 the five default aspects costs five requests in pairwise mode (ten in single mode).
-Per request: cache lookup → request → parse → on a malformed reply, one repair
-request that shows the judge its answer and what was wrong → parse → else the
-aspect, and with it the item, fails with the reason. Only answers that parsed are
-cached. :meth:`AnnotationPool.annotate_item` never raises: every problem becomes the
-item's ``error``, so one bad item or reply can never take the pool down.
+Per request: cache lookup → request → parse → on a malformed reply, up to
+``max_repairs`` repair requests, each showing the judge the conversation so far with
+its last answer and what was wrong with it → parse → else the aspect, and with it the
+item, fails with the reason. Only answers that parsed are cached.
+
+Budget: with a cache, the client's budget counts against the cache file's run-wide
+spend (all actors of a run, across restarts and resumes); what each answer cost is
+added in the same transaction that stores it.
+
+:meth:`AnnotationPool.annotate_item` never raises: every problem becomes the item's
+``error``, so one bad item or reply can never take the pool down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -66,9 +73,17 @@ class AnnotationPool:
         aspects: Sequence[str] = DEFAULT_ASPECTS,
         pairwise: bool = True,
         templates: Optional[JudgeTemplates] = None,
+        max_repairs: int = 2,
     ):
+        if max_repairs < 0:
+            raise ValueError(f"annotator.max_repairs must be ≥ 0, got {max_repairs}")
         self.client = client
         self.cache = cache
+        self.max_repairs = int(max_repairs)
+        if cache is not None and client.budget.ledger is None:
+            # The run's cache file is shared by every annotator of the run and outlives
+            # them: the one place a run-wide budget survives restarts and resumes.
+            client.budget.attach_ledger(cache)
         self.aspects = tuple(aspects)
         self.pairwise = pairwise
         self.templates = templates or load_templates()
@@ -77,50 +92,79 @@ class AnnotationPool:
         self.counts = {"items": 0, "failures": 0, "cache_hits": 0, "repairs": 0, "repair_failures": 0,
                        "monotone_repairs": 0, "judge_answers": 0}
         self.stop_reason: Optional[str] = None
+        self.budget_exceeded = False
 
     # ------------------------------------------------------------------ one request
 
-    def _store(self, aspect: str, key: str, messages: list[dict], text: str, usage: Any) -> None:
-        if self.cache is not None:
-            self.cache.put(
-                key,
-                model=self.client.model,
-                template_id=self.templates.id,
-                aspect=aspect,
-                messages=messages,
-                reply=text,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-            )
+    def _store(self, aspect: str, key: str, messages: list[dict], text: str, usage: Any, spend: Any = None) -> None:
+        """Cache an answer; ``spend`` (a :class:`~twodrl.annotation.client.Spend` not yet
+        in the ledger) is added to the run's spend in the same transaction."""
+        if self.cache is None:
+            if spend is not None:
+                self.client.record_spend(spend)
+            return
+        budget = self.client.budget
+        carry = spend is not None and not spend.recorded and budget.ledger is self.cache
+        self.cache.put(
+            key,
+            model=self.client.model,
+            template_id=self.templates.id,
+            aspect=aspect,
+            messages=messages,
+            reply=text,
+            prompt_tokens=usage.prompt_tokens if usage is not None else 0,
+            completion_tokens=usage.completion_tokens if usage is not None else 0,
+            spend_tokens=spend.tokens if carry else 0,
+            spend_cost=spend.cost if carry else 0.0,
+        )
+        if carry:
+            budget.mark_recorded(spend)
+        elif spend is not None:
+            self.client.record_spend(spend)  # a ledger other than this cache
+
+    def _charge(self, usage: Any) -> None:
+        """Record what a fetched answer cost when no answer is stored with it (it did
+        not parse). Never raises: the spend then stays counted in this process."""
+        spend = getattr(usage, "spend", None)
+        if spend is not None:
+            self.client.record_spend(spend)
 
     async def _judge(self, item: JudgeItem, responses: list[list[str]], aspect: str, result: ItemResult) -> list[list[int]]:
         counts = [len(r) for r in responses]
         messages = build_messages(aspect, item.prompt, responses, item.history, self.templates)
         key = cache_key(self.client.model, self.templates.id, aspect, messages)
-        text, fresh = await self._fetch(key, messages, aspect, sum(counts), result)
-        try:
-            parsed = parse_reply(text, aspect, counts)
-            if fresh:
-                self._store(aspect, key, messages, text, fresh)
-        except ParseError as first:
-            # One re-ask, showing the judge its own answer and the precise problem.
-            result.repairs += 1
-            self.counts["repairs"] += 1
-            fixed = repair_messages(messages, text, str(first), aspect, counts, self.templates)
-            fkey = cache_key(self.client.model, self.templates.id, aspect, fixed)
-            text2, fresh2 = await self._fetch(fkey, fixed, aspect, sum(counts), result)
+        convo, ckey = messages, key
+        text, usage = await self._fetch(ckey, convo, aspect, sum(counts), result)
+        last_usage = usage  # the newest answer that came from the server (None: all cached)
+        repairs = 0
+        while True:
             try:
-                parsed = parse_reply(text2, aspect, counts)
-            except ParseError as second:
-                self.counts["repair_failures"] += 1
-                raise _AspectFailed(f"{aspect}: malformed judge reply after one repair: {second}") from None
-            if fresh2:
-                self._store(aspect, fkey, fixed, text2, fresh2)
-            if fresh or fresh2:
-                # The repaired answer is a valid answer to the original request too:
-                # caching it under the original key means a rerun never asks the
-                # original question again (its first answer was paid for).
-                self._store(aspect, key, messages, text2, fresh or fresh2)
+                parsed = parse_reply(text, aspect, counts)
+                break
+            except ParseError as e:
+                self._charge(usage)
+                if repairs >= self.max_repairs:
+                    self.counts["repair_failures"] += 1
+                    raise _AspectFailed(
+                        f"{aspect}: malformed judge reply after {repairs} repair{'s' if repairs != 1 else ''}: {e}"
+                    ) from None
+                # Re-ask, showing the judge its own answer and the precise problem. The
+                # conversation grows with each round, so a judge that answers a repeated
+                # question identically (temperature 0) is asked something new each time.
+                repairs += 1
+                result.repairs += 1
+                self.counts["repairs"] += 1
+                convo = repair_messages(convo, text, str(e), aspect, counts, self.templates)
+                ckey = cache_key(self.client.model, self.templates.id, aspect, convo)
+                text, usage = await self._fetch(ckey, convo, aspect, sum(counts), result)
+                last_usage = usage or last_usage
+        if usage is not None:
+            self._store(aspect, ckey, convo, text, usage, usage.spend)
+        if ckey != key and last_usage is not None:
+            # The repaired answer is a valid answer to the original request too: caching
+            # it under the original key means a rerun never asks the original question
+            # again (its first answer was paid for).
+            self._store(aspect, key, messages, text, last_usage)
         result.monotone_repairs += parsed.monotone_repairs
         self.counts["monotone_repairs"] += parsed.monotone_repairs
         return parsed.scores
@@ -163,6 +207,8 @@ class AnnotationPool:
             errors = []
             for aspect, out in zip(self.aspects, outcomes):
                 if isinstance(out, BaseException):
+                    if isinstance(out, BudgetExhausted):
+                        self.budget_exceeded = True
                     if isinstance(out, (BudgetExhausted, FatalJudgeError)):
                         # Stop the pool: every later item would fail the same way.
                         self.stop_reason = self.stop_reason or str(out)
@@ -234,4 +280,13 @@ class AnnotationPool:
         s = self.client.stats.as_dict()
         s.update(self.counts)
         s["stopped"] = self.stop_reason
+        s["budget_exceeded"] = bool(self.budget_exceeded or self.client.budget.exhausted)
+        if self.cache is not None and self.client.budget.ledger is self.cache:
+            # This process's numbers above; the run's (every actor, every resume) here.
+            try:
+                run = self.cache.spend()
+            except sqlite3.Error:  # closed or unreadable: the process's own numbers stand
+                run = None
+            if run is not None:
+                s["run_requests"], s["run_tokens"], s["run_cost_usd"] = run.requests, run.tokens, run.cost_usd
         return s

@@ -100,13 +100,16 @@ def load_reward_model(model_cfg: ModelConfig, device: str | torch.device = "cpu"
     return model.to(device).eval()
 
 
-def save_pretrained_safe(model, tokenizer, path: str | Path) -> Path:
+def save_pretrained_safe(model, tokenizer, path: str | Path, extra_files: dict[str, str] | None = None) -> Path:
     """Save model (safetensors) and tokenizer to ``path`` atomically: written into a
     temporary sibling directory, then renamed over ``path``, so a reader (vLLM reload,
-    another actor) never sees a half-written checkpoint."""
+    another actor) never sees a half-written checkpoint. ``extra_files`` (name → text)
+    are written into the same directory before the rename, e.g. the marker by which
+    ``twodrl train-rm`` recognises a directory it may replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    # The ".tmp." infix is what twodrl.checkpoint.recover_directory sweeps after a crash.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp.", dir=path.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -117,6 +120,8 @@ def save_pretrained_safe(model, tokenizer, path: str | Path) -> Path:
                 gen.save_pretrained(tmp)
             except Exception:  # non-generative heads carry an unused default config
                 pass
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         from twodrl.checkpoint import replace_directory
 
         replace_directory(tmp, path)
