@@ -111,6 +111,10 @@ class AnnotatorActor:
                     self._input_failures += 1
             else:
                 results[r.key] = {"index": index, "scores": r.scores}
+        for pos, r in enumerate(results):
+            # Callers that dispatch through the work queue match results by ``id``.
+            if r is not None and isinstance(items[pos], dict) and "id" in items[pos]:
+                r["id"] = items[pos]["id"]
         return results  # type: ignore[return-value]
 
     async def annotate_responses(self, items: list[dict]) -> list[dict]:
@@ -146,6 +150,11 @@ class AnnotatorActor:
     async def annotate(self, items: list[dict]) -> list[dict]:
         """Alias of :meth:`annotate_pairs`."""
         return await self.annotate_pairs(items)
+
+    async def ready(self) -> int:
+        """Liveness ping (the work queue waits on it after a restart); the process id
+        changes when Ray restarts the actor."""
+        return os.getpid()
 
     def stats(self) -> dict:
         """``requests`` (HTTP requests sent), ``failures`` (items), ``cost_usd``,

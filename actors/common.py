@@ -105,7 +105,7 @@ def role_resources(cfg: RunConfig, role: str) -> RoleResources:
         )
     if role == "annotator":
         return RoleResources(
-            "annotator", cfg.annotator.num_actors, cfg.annotator.num_cpus, 0.0, 1, 2,
+            "annotator", cfg.annotator.num_actors, cfg.annotator.num_cpus, 0.0, 1, cfg.annotator.max_restarts,
             {"cpus": "annotator.num_cpus", "gpus": "-", "count": "annotator.num_actors"},
         )
     raise ValueError(f"unknown actor role {role!r}; known roles: {ROLES}")

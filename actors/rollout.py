@@ -642,8 +642,10 @@ class RolloutWorker:
     # -- status (never touches the engine) --------------------------------------------
 
     @ray.method(concurrency_group=CONTROL_GROUP)
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> int:
+        """The process id: it changes when Ray restarts the worker (the driver counts
+        restarts by it)."""
+        return os.getpid()
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def weights_version(self) -> int:

@@ -103,6 +103,21 @@ def connect_ray(cfg: RunConfig, namespace: str) -> str:
     return ray.get_runtime_context().gcs_address
 
 
+def _await_ready(actors: list, deadline_s: float = 600.0) -> None:
+    """Block until every actor answers ``ready()``: one Ray is restarting refuses calls
+    (ActorUnavailableError) until its constructor has run again."""
+    deadline = time.monotonic() + deadline_s
+    for actor in actors:
+        while True:
+            try:
+                ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+
 def _wait_names_free(names: list[str], namespace: str, timeout_s: float = 60.0) -> None:
     """Block until killed actors' names are released, so the new group's actors are
     created fresh instead of re-attaching to the dying ones."""
@@ -120,6 +135,11 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class RunStopped(RuntimeError):
+    """A fault the run could not ride through; the message says which, where, and from
+    which checkpoint ``--resume`` continues."""
 
 
 class JudgeBudgetExhausted(RuntimeError):
@@ -182,6 +202,10 @@ class OnlineDriver:
         self._directions: dict[str, list[float]] = {}  # DPA: prompt id -> direction v
         self._replay_rng = random.Random(cfg.seed + 1)
         self.learner_restarts = 0  # learner groups rebuilt after a rank died
+        self.recovered: dict[str, int] = {}  # role -> faults of its actors the driver rode through
+        # Restarts Ray made of each role's actors, seen as a new process id.
+        self.restarts: dict[str, int] = {"rollout": 0, "scorer": 0, "annotator": 0}
+        self._pids: dict[str, int] = {}
         self._credit_probe: tuple[list[dict], list] | None = None  # probe pairs, their log-probs then
         self._faults_fired: set[str] = set()
         self.logger: MetricsLogger | None = None
@@ -200,6 +224,7 @@ class OnlineDriver:
         )
         self._start_judge()
         self._create_actors()
+        self._pids = self._actor_pids()
         sinks = [RayMetricsSink(round_metric_keys(self.aspects), self.run_name)]
         last = latest_checkpoint(self.run_dir) if self.resume else None
         if last is None:
@@ -269,6 +294,8 @@ class OnlineDriver:
         self.completed_prompts = state.get("completed_prompts", 0)
         self.weights_version = state.get("weights_version", 0)
         self.learner_restarts = max(self.learner_restarts, state.get("learner_restarts", 0))
+        for role, n in (state.get("restarts") or {}).items():
+            self.restarts[role] = max(self.restarts.get(role, 0), n)
         self._resume_requests = state.get("pending_requests")
         self._directions.update(state.get("pending_directions") or {})
         if (self.run_dir / "warmstart").is_dir():
@@ -290,6 +317,7 @@ class OnlineDriver:
         named actor when the driver reaches that stage of that round (once each), so
         every recovery path can be tested deterministically. An environment variable,
         not a config field, so no config can switch it on by accident."""
+        self._stage = stage
         spec = os.environ.get("TWODRL_TEST_FAULTS")
         if not spec:
             return
@@ -303,6 +331,52 @@ class OnlineDriver:
                 restart = not name.startswith("learner-")
                 print(f"[twodrl] test fault: killing {name} at {stage} of round {round_idx}", flush=True)
                 kill_actor(name, self.namespace, no_restart=not restart)
+
+    def _stopped(self, round_idx: int, error: BaseException, dead: list[str] | None = None) -> "RunStopped":
+        """One message for a fault the run cannot ride through: which actors are gone
+        (restarts used up), at which stage of which round, the last error, and where a
+        ``--resume`` continues from (every finished round is checkpointed)."""
+        if dead is None:
+            dead = []
+            for role, actors in (("rollout", self.rollout_workers), ("scorer", self.scorers),
+                                 ("annotator", self.annotators)):
+                for i, a in enumerate(actors):
+                    try:
+                        ray.get(a.ready.remote(), timeout=30)
+                    except Exception:  # noqa: BLE001 - any failure to answer: it is gone
+                        dead.append(f"{role}-{i}")
+        import traceback
+
+        # The full traceback, for whoever debugs it; the message stays one line.
+        atomic_write_text(self.run_dir / "error.log", "".join(traceback.format_exception(error)))
+        last = latest_checkpoint(self.run_dir)
+        where = f"round {last[0]}" if last else "nothing yet (round 0 had not finished)"
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        return RunStopped(
+            f"round {round_idx}, stage {getattr(self, '_stage', '?')}: "
+            + (f"actor(s) {', '.join(dead)} did not come back; " if dead else "")
+            + f"last error {type(error).__name__}: {first} (traceback in {self.run_dir / 'error.log'}). "
+            + f"--resume continues after {where}."
+        )
+
+    def _actor_pids(self) -> dict[str, int]:
+        pids = {}
+        for role, actors in (("rollout", self.rollout_workers), ("scorer", self.scorers),
+                             ("annotator", self.annotators)):
+            _await_ready(actors)
+            for i, a in enumerate(actors):
+                pids[f"{role}-{i}"] = int(ray.get(a.ready.remote(), timeout=60))
+        return pids
+
+    def _count_restarts(self) -> None:
+        """Count the restarts of rollout, scorer and annotator actors since the last
+        look (``recovery/<role>_restarts``): the run rode through them."""
+        pids = self._actor_pids()
+        for name, pid in pids.items():
+            if name in self._pids and self._pids[name] != pid:
+                role = name.rsplit("-", 1)[0]
+                self.restarts[role] = self.restarts.get(role, 0) + 1
+        self._pids = pids
 
     def _learner_alive(self) -> bool:
         try:
@@ -417,6 +491,7 @@ class OnlineDriver:
             stale = {r["id"] for r in results if r.get("weights_version", expected) < expected}
             if not stale:
                 break
+            _await_ready(self.rollout_workers, deadline_s=self.cfg.rollout.call_timeout_s)
             versions = ray.get([w.weights_version.remote() for w in self.rollout_workers])
             lagging = [w for w, v in zip(self.rollout_workers, versions) if v < expected]
             if lagging:
@@ -472,18 +547,17 @@ class OnlineDriver:
         items = [
             {"id": str(i), "prompt": s.prompt, "response": s.text, "history": s.history} for i, s in enumerate(samples)
         ]
-        shards = [items[k :: len(self.annotators)] for k in range(len(self.annotators))]
-        before = ray.get([a.stats.remote() for a in self.annotators])
-        outs = ray.get([a.annotate_responses.remote(shard) for a, shard in zip(self.annotators, shards) if shard])
-        after = ray.get([a.stats.remote() for a in self.annotators])
+        before = self._annotator_stats()
+        results = self._judge(items, "annotate_responses")
+        after = self._annotator_stats()
         self._check_budget(after)
         judged: list[Any] = [None] * len(samples)
-        for out in outs:
-            for r in out:
-                if r.get("scores") is not None:
-                    judged[int(r["id"])] = (r["segments"], r["scores"])
+        for r in results:
+            if r.get("scores") is not None:
+                judged[int(r["id"])] = (r["segments"], r["scores"])
+        # An annotator that Ray restarted mid-call starts its counters again at 0.
         delta = {
-            k: sum(a.get(k, 0) for a in after) - sum(b.get(k, 0) for b in before)
+            k: max(0, sum(a.get(k, 0) for a in after) - sum(b.get(k, 0) for b in before))
             for k in ("requests", "failures", "cost_usd")
         }
         return judged, {
@@ -495,15 +569,34 @@ class OnlineDriver:
 
     def _sync_weights(self, workers: list | None = None) -> float:
         """Push the learner's weights to ``workers`` (default: all, as a new version);
-        a subset gets the current version again (a restarted worker catching up)."""
+        a subset gets the current version again (a restarted worker catching up).
+
+        A rollout worker that Ray is restarting (killed, OOM) is waited for; one that
+        dies or is restarted during the sync comes back with its initial weights, so it
+        is synced again at the same version. Only a learner failure ends the sync."""
         from actors.weight_sync import sync_weights
 
         t0 = time.perf_counter()
         if workers is None:
             self.weights_version += 1
-        sync_weights(self.learner, workers if workers is not None else self.rollout_workers,
-                     transport=self.cfg.rollout.weight_sync, bucket_mb=self.cfg.rollout.weight_sync_bucket_mb,
-                     version=self.weights_version)
+        targets = list(workers if workers is not None else self.rollout_workers)
+        for attempt in range(self.cfg.rollout.max_restarts + 2):
+            _await_ready(targets, deadline_s=self.cfg.rollout.sync_timeout_s)
+            try:
+                result = sync_weights(self.learner, targets, transport=self.cfg.rollout.weight_sync,
+                                      bucket_mb=self.cfg.rollout.weight_sync_bucket_mb, version=self.weights_version)
+            except ray.exceptions.RayError as e:
+                if not self._learner_alive():
+                    raise
+                print(f"[twodrl] weight sync: a rollout worker failed ({type(e).__name__}); syncing again", flush=True)
+                self.recovered["rollout"] = self.recovered.get("rollout", 0) + 1
+                continue
+            restarted = [targets[i] for i in result.get("restarted") or []]
+            if not restarted:
+                break
+            targets = restarted  # back with their initial weights
+        else:
+            raise RuntimeError(f"weight sync: rollout workers kept failing for version {self.weights_version}")
         return time.perf_counter() - t0
 
     def evaluate(self, round_idx: int) -> dict:
@@ -564,16 +657,33 @@ class OnlineDriver:
         """Judge ratings of segmented response pairs (``{"prompt", "history",
         "responses": [segs_1, segs_2]}``) across the annotation actors: per item
         ``[{aspect: [rating per segment]}, {…}]``, or None where the judge failed."""
-        shards = [list(range(k, len(items), len(self.annotators))) for k in range(len(self.annotators))]
-        outs = ray.get([a.annotate_pairs.remote([items[i] for i in shard])
-                        for a, shard in zip(self.annotators, shards) if shard])
-        self._check_budget(ray.get([a.stats.remote() for a in self.annotators]))
+        results = self._judge([dict(item, id=str(i)) for i, item in enumerate(items)], "annotate_pairs")
+        self._check_budget(self._annotator_stats())
         rated: list[list[dict] | None] = [None] * len(items)
-        for shard, out in zip([sh for sh in shards if sh], outs):
-            for i, r in zip(shard, out):
-                if r.get("scores") is not None:
-                    rated[i] = r["scores"]
+        for r in results:
+            if r.get("scores") is not None:
+                rated[int(r["id"])] = r["scores"]
         return rated
+
+    def _annotator_stats(self) -> list[dict]:
+        """Each annotator's counters; one that is restarting right now counts as empty
+        (its counters start again at 0 anyway)."""
+        out = []
+        for a in self.annotators:
+            try:
+                out.append(ray.get(a.stats.remote(), timeout=60))
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                out.append({})
+        return out
+
+    def _judge(self, items: list[dict], method: str) -> list[dict]:
+        """Items through the annotation actors as a work queue: an annotator that dies
+        mid-call (Ray restarts it) has its unfinished items re-queued, none lost, none
+        judged twice by the run's accounting (the answer cache makes a repeat free)."""
+        from actors.workqueue import run_work_queue
+
+        chunk = max(1, min(self.cfg.annotator.concurrency, -(-len(items) // len(self.annotators))))
+        return run_work_queue(self.annotators, items, method=method, chunk_size=chunk, progress=False)
 
     def _check_budget(self, stats: list[dict]) -> None:
         """The run-wide judge budget (kept in the run's SQLite store, so it holds across
@@ -778,7 +888,9 @@ class OnlineDriver:
         stage_time += metrics["time/eval_s"]
 
         self._fault_point("checkpoint", round_idx)
+        self._count_restarts()
         metrics["recovery/learner_restarts"] = self.learner_restarts
+        metrics.update({f"recovery/{role}_restarts": n for role, n in self.restarts.items()})
         t0 = time.perf_counter()
         self.checkpoint(round_idx, metrics)
         metrics["time/checkpoint_s"] = time.perf_counter() - t0
@@ -920,6 +1032,7 @@ class OnlineDriver:
                     "completed_prompts": self.completed_prompts,
                     "weights_version": self.weights_version,
                     "learner_restarts": self.learner_restarts,
+                    "restarts": dict(self.restarts),
                     # Overlap scheduling: next round's prompts are already drawn (the
                     # cursor includes them); a resumed run samples exactly these.
                     "pending_requests": getattr(self, "_next_requests", None),
@@ -958,9 +1071,13 @@ class OnlineDriver:
         while r < self.total_rounds:
             try:
                 rows.append(self.run_round(r, pending=self._pending))
+            except JudgeBudgetExhausted:
+                raise
             except Exception as e:  # noqa: BLE001 - re-raised unless it is a learner failure
-                if self._learner_alive() or self.learner_restarts >= self.cfg.learner.max_failures:
-                    raise
+                if self._learner_alive():
+                    raise self._stopped(r, e) from e
+                if self.learner_restarts >= self.cfg.learner.max_failures:
+                    raise self._stopped(r, e, ["learner (learner.max_failures reached)"]) from e
                 r = self._recover_learner(e)
                 rows = [row for row in rows if row["round"] < r]
                 bar.n = r

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None, prog: str = "twodrl run") -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if cfg.learner.num_gpus_per_rank == 0 else "cuda")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-    from jobs.driver import JudgeBudgetExhausted, OnlineDriver
+    from jobs.driver import JudgeBudgetExhausted, OnlineDriver, RunStopped
 
     driver = OnlineDriver(cfg, run_dir, resume=args.resume, task=task)
     try:
@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None, prog: str = "twodrl run") -> int:
     except JudgeBudgetExhausted as e:
         print(f"[twodrl] stopped: {e}", file=sys.stderr)
         return 3
+    except RunStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         driver.shutdown()
         lock.release()

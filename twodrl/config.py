@@ -222,6 +222,7 @@ class AnnotatorConfig:
     cache_path: Optional[str] = None  # default: RUN_DIR/judge_cache.sqlite
     num_actors: int = ranged(1, 1)
     num_cpus: float = ranged(0.05, 0)  # per annotator actor (it only waits on HTTP)
+    max_restarts: int = ranged(2, 0, 1000)  # Ray restarts of an annotator actor that died
     max_completion_tokens: Optional[int] = ranged(None, 1)  # sent as max_tokens; None: server default
     price_input_per_mtok: Optional[float] = ranged(None, 0)  # USD per 1M tokens; None: pricing table
     price_output_per_mtok: Optional[float] = ranged(None, 0)

@@ -46,6 +46,9 @@ def round_metric_keys(aspects: Sequence[str] = DEFAULT_ASPECTS) -> list[str]:
         "annotate/cost_usd",
         "eval/win_rate",
         "recovery/learner_restarts",
+        "recovery/rollout_restarts",
+        "recovery/scorer_restarts",
+        "recovery/annotator_restarts",
     ]
     keys += [f"rm/agreement/{a}" for a in aspects]
     from twodrl.diagnostics import credit_metric_keys

@@ -166,3 +166,27 @@ def test_learner_rank_killed_mid_round_job_recovers_by_itself(tmp_path, monkeypa
     # The redone round drew the same prompts from the restored cursor: none lost or doubled.
     assert sum(r["rollout/prompts"] for r in on_disk) == sum(r["rollout/prompts_planned"] for r in on_disk) \
         == 2 * PROMPTS_PER_ROUND
+
+
+def test_annotator_killed_before_annotating_items_are_requeued(tmp_path, monkeypatch):
+    """``annotator-0`` is killed (Ray restarts it) as round 1 reaches its judge stage:
+    the judge items go through the work queue, wait for the restart and are judged; the
+    run finishes with every round once."""
+    monkeypatch.setenv("TWODRL_TEST_FAULTS", "annotator-0@annotate@1")
+    cfg = load_config(str(REPO / "configs" / "quickstart.yaml"), SMALL + ["annotator.num_actors=2"])
+    started_ray = not ray.is_initialized()
+    from jobs.driver import OnlineDriver
+
+    driver = OnlineDriver(cfg, tmp_path / "kill-annotator")
+    try:
+        driver.setup()
+        rows = driver.run()
+    finally:
+        driver.shutdown()
+        if started_ray:
+            ray.shutdown()
+    assert driver._faults_fired == {"annotator-0@annotate@1"}
+    on_disk = read_metrics(driver.run_dir / "metrics.jsonl")
+    assert [r["round"] for r in on_disk] == [r["round"] for r in rows] == [0, 1]
+    assert on_disk[1]["annotate/requests"] > 0
+    assert sum(r["rollout/prompts"] for r in on_disk) == sum(r["rollout/prompts_planned"] for r in on_disk)
