@@ -42,6 +42,9 @@ class AnnotatorActor:
         base_url: Optional[str] = None,
         cache_path: Optional[str] = None,
     ):
+        from actors.common import count_incarnation
+
+        self._incarnation = count_incarnation()
         if isinstance(cfg, dict):
             cfg = AnnotatorConfig(**cfg)
         self.cfg = cfg or AnnotatorConfig()
@@ -150,6 +153,10 @@ class AnnotatorActor:
     async def annotate(self, items: list[dict]) -> list[dict]:
         """Alias of :meth:`annotate_pairs`."""
         return await self.annotate_pairs(items)
+
+    async def incarnation(self) -> int:
+        """1, plus one for every restart of this actor."""
+        return self._incarnation
 
     async def ready(self) -> int:
         """Liveness ping (the work queue waits on it after a restart); the process id

@@ -17,10 +17,13 @@ reference      same as one learner rank                     1 if not learner.col
 annotator      annotator.num_cpus / 0                       annotator.num_actors
 =============  ===========================================  ==============================
 
-A tensor-parallel engine (``tensor_parallel_size`` > 1 on GPU) reserves one bundle per
-GPU in a ``STRICT_PACK`` placement group, so all shards of one engine land on one node
-(NCCL between them stays on NVLink). Learner ranks share one ``PACK`` group: ranks
-prefer one node but may spill over when a node is too small.
+A vLLM tensor-parallel engine (``tensor_parallel_size`` > 1 on GPU) reserves one bundle
+per GPU in a ``STRICT_PACK`` placement group, so all shards of one engine land on one
+node (NCCL between them stays on NVLink). An HF scorer with ``tensor_parallel_size`` N
+> 1 shards its model over N GPUs inside its own process, so the actor itself asks for
+N GPUs. Learner ranks share one ``PACK`` group: ranks prefer one node but may spill
+over when a node is too small. :func:`actor_request` is the one place these rules
+live; the planner (``twodrl plan``) reads it too.
 
 On CPU every ``num_gpus`` is 0; Ray CPUs are logical slots, so fractional values let a
 2-core machine host a handful of actors.
@@ -77,6 +80,7 @@ class RoleResources:
     tensor_parallel_size: int = 1
     max_restarts: int = 0
     fields: dict[str, str] = field(default_factory=dict)  # "cpus"/"gpus"/"count" -> dotted field
+    backend: str = ""  # rollout / scorer: the engine that runs ("vllm" or "hf")
 
 
 def role_resources(cfg: RunConfig, role: str) -> RoleResources:
@@ -87,6 +91,7 @@ def role_resources(cfg: RunConfig, role: str) -> RoleResources:
             "rollout", r.num_workers, r.num_cpus, r.num_gpus, r.tensor_parallel_size, r.max_restarts,
             {"cpus": "rollout.num_cpus", "gpus": "rollout.num_gpus", "count": "rollout.num_workers",
              "tp": "rollout.tensor_parallel_size"},
+            r.backend,
         )
     if role == "scorer":
         s = cfg.scorer
@@ -94,10 +99,13 @@ def role_resources(cfg: RunConfig, role: str) -> RoleResources:
             "scorer", s.num_workers, s.num_cpus, s.num_gpus, s.tensor_parallel_size, s.max_restarts,
             {"cpus": "scorer.num_cpus", "gpus": "scorer.num_gpus", "count": "scorer.num_workers",
              "tp": "scorer.tensor_parallel_size"},
+            s.resolved_backend(),
         )
     if role in ("learner", "reference"):
         lc = cfg.learner
-        count = lc.num_ranks if role == "learner" else (0 if lc.colocate_reference else 1)
+        # DPA's rejection-sampling fine-tuning never reads a reference model: none is
+        # started for it, colocated or not.
+        count = lc.num_ranks if role == "learner" else (0 if lc.colocate_reference or cfg.algorithm == "dpa-rsf" else 1)
         return RoleResources(
             role, count, lc.num_cpus_per_rank, lc.num_gpus_per_rank, 1, 0,
             {"cpus": "learner.num_cpus_per_rank", "gpus": "learner.num_gpus_per_rank",
@@ -113,9 +121,67 @@ def role_resources(cfg: RunConfig, role: str) -> RoleResources:
 
 def gpus_per_actor(res: RoleResources) -> float:
     """GPUs one actor really holds: a TP engine spans ``tensor_parallel_size`` GPUs."""
-    if res.num_gpus > 0 and res.tensor_parallel_size > 1:
-        return float(res.tensor_parallel_size)
-    return res.num_gpus
+    return _request(res, 0).gpus
+
+
+@dataclass(frozen=True)
+class ActorRequest:
+    """What one actor asks Ray for — the one source :func:`actor_options`, the
+    placement groups, :func:`validate_placement` and the planner
+    (:mod:`twodrl.planner`) all read, so the plan is what Ray is asked for.
+
+    ``num_cpus`` / ``num_gpus`` go into the actor's own options. An actor inside a
+    placement group takes them out of bundle ``bundle_index``; ``bundles`` are the
+    bundles it holds (a TP engine: all of its group's, its workers take the others; a
+    learner rank: its own), ``strategy`` the group's. ``gpus`` / ``cpus``: the totals
+    the actor holds, with or without a group."""
+
+    role: str
+    index: int
+    num_cpus: float
+    num_gpus: float
+    bundles: tuple[dict[str, float], ...] = ()
+    strategy: str = ""
+    bundle_index: int = -1
+
+    @property
+    def gpus(self) -> float:
+        return float(sum(b.get("GPU", 0.0) for b in self.bundles)) if self.bundles else float(self.num_gpus)
+
+    @property
+    def cpus(self) -> float:
+        return float(sum(b.get("CPU", 0.0) for b in self.bundles)) if self.bundles else float(self.num_cpus)
+
+
+def _request(res: RoleResources, index: int) -> ActorRequest:
+    role, cpus, gpus, tp = res.role, res.num_cpus, res.num_gpus, res.tensor_parallel_size
+    if role in ("rollout", "scorer") and gpus > 0 and tp > 1:
+        if res.backend == "vllm":
+            # vLLM's TP workers each claim one whole-GPU bundle of a STRICT_PACK group (one
+            # node, NVLink); the engine's own process runs in bundle 0 with the CPUs and
+            # no GPU of its own.
+            bundles = ({"GPU": 1.0, "CPU": float(cpus)},) + ({"GPU": 1.0},) * (tp - 1)
+            return ActorRequest(role, index, cpus, 0.0, bundles, "STRICT_PACK", 0)
+        if role == "scorer":
+            # The HF scorer shards one model over its GPUs in its own process
+            # (device_map="auto"): Ray must give that process all of them.
+            return ActorRequest(role, index, cpus, float(tp))
+        # HF generate runs on one device: tensor_parallel_size does not apply.
+    if role == "learner" and gpus > 0:
+        # Ranks share one PACK group (reserved together, see learner_group); each
+        # runs in its own bundle.
+        return ActorRequest(role, index, cpus, gpus, ({"GPU": float(gpus), "CPU": float(cpus)},), "PACK", index)
+    return ActorRequest(role, index, cpus, gpus)
+
+
+def actor_request(cfg: RunConfig, role: str, index: int = 0) -> ActorRequest:
+    """What actor ``role-index`` asks Ray for (see :class:`ActorRequest`)."""
+    return _request(role_resources(cfg, role), index)
+
+
+def actor_requests(cfg: RunConfig) -> list[ActorRequest]:
+    """Every actor of the run, role by role (as many as ``role_resources`` counts)."""
+    return [actor_request(cfg, role, i) for role in ROLES for i in range(role_resources(cfg, role).count)]
 
 
 def _nodes() -> list[dict[str, float]]:
@@ -160,7 +226,8 @@ def validate_placement(
                 f"{source}: {f['gpus']} = {res.num_gpus} but the Ray cluster has no GPU "
                 f"(ray.cluster_resources() = {dict(cluster)}); set {f['gpus']}=0 on CPU"
             )
-        per = gpus_per_actor(res)
+        req = _request(res, 0)
+        per = req.gpus
         if per > max_node_gpu > 0:
             what = f"{f['tp']} = {res.tensor_parallel_size}" if res.tensor_parallel_size > 1 else f"{f['gpus']} = {res.num_gpus}"
             raise PlacementError(
@@ -168,9 +235,9 @@ def validate_placement(
             )
         if res.num_gpus > 1 and res.tensor_parallel_size == 1 and not float(res.num_gpus).is_integer():
             raise PlacementError(f"{source}: {f['gpus']} = {res.num_gpus}: more than one GPU must be a whole number")
-        need_cpu += res.count * res.num_cpus
+        need_cpu += res.count * req.cpus
         need_gpu += res.count * per
-        lines.append(f"{role}: {res.count} × ({res.num_cpus:g} CPU, {per:g} GPU) [{f['count']}, {f['cpus']}, {f['gpus']}]")
+        lines.append(f"{role}: {res.count} × ({req.cpus:g} CPU, {per:g} GPU) [{f['count']}, {f['cpus']}, {f['gpus']}]")
     detail = "; ".join(lines)
     if need_cpu > have_cpu + 1e-9:
         raise PlacementError(
@@ -190,21 +257,20 @@ def validate_placement(
 def tensor_parallel_group(res: RoleResources, name: str | None = None) -> Optional[PlacementGroup]:
     """One STRICT_PACK group with a bundle per GPU for a TP engine, or None when the
     engine needs no group (CPU, or a single GPU)."""
-    if res.num_gpus <= 0 or res.tensor_parallel_size <= 1:
+    req = _request(res, 0)
+    if not req.bundles:
         return None
-    bundles = [{"GPU": 1.0, "CPU": res.num_cpus / res.tensor_parallel_size}] * res.tensor_parallel_size
-    return placement_group(bundles, strategy="STRICT_PACK", name=name or "")
+    return placement_group([dict(b) for b in req.bundles], strategy=req.strategy, name=name or "")
 
 
 def learner_group(cfg: RunConfig, name: str | None = None) -> Optional[PlacementGroup]:
     """A PACK group with one bundle per learner rank when the ranks use GPUs, so they
     are reserved together (a half-placed learner would deadlock in init_process_group).
     None on CPU: fractional CPU slots need no reservation."""
-    lc = cfg.learner
-    if lc.num_gpus_per_rank <= 0:
+    reqs = [actor_request(cfg, "learner", i) for i in range(cfg.learner.num_ranks)]
+    if not reqs or not reqs[0].bundles:
         return None
-    bundles = [{"GPU": lc.num_gpus_per_rank, "CPU": lc.num_cpus_per_rank}] * lc.num_ranks
-    return placement_group(bundles, strategy="PACK", name=name or "")
+    return placement_group([dict(r.bundles[0]) for r in reqs], strategy=reqs[0].strategy, name=name or "")
 
 
 def wait_placement_group(pg: Optional[PlacementGroup], timeout_s: float = 300.0, field_hint: str = "") -> None:
@@ -238,11 +304,12 @@ def actor_options(
     behind its back.
     """
     res = role_resources(cfg, role)
+    req = _request(res, index)
     opts: dict[str, Any] = {
         "name": actor_name(role, index),
         "namespace": namespace or run_namespace(cfg),
-        "num_cpus": res.num_cpus,
-        "num_gpus": res.num_gpus if res.tensor_parallel_size <= 1 else 0,
+        "num_cpus": req.num_cpus,
+        "num_gpus": req.num_gpus,
         "max_restarts": res.max_restarts if max_restarts is None else max_restarts,
         "max_task_retries": 0,
         "max_concurrency": 1,
@@ -250,9 +317,6 @@ def actor_options(
     if detached:
         opts["lifetime"] = "detached"
     if placement is not None:
-        if res.tensor_parallel_size > 1 and res.num_gpus > 0:
-            # The engine's own process takes no GPU: its TP workers claim the bundles.
-            opts["num_gpus"] = 0
         opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=placement,
             placement_group_bundle_index=bundle_index,
@@ -270,6 +334,36 @@ def get_or_create_actor(actor_cls: Any, options: dict[str, Any], *args: Any, **k
     except ValueError:
         pass
     return actor_cls.options(**options, get_if_exists=True).remote(*args, **kwargs)
+
+
+def count_incarnation() -> int:
+    """Called in an actor's constructor: how many times this actor has been started (1
+    the first time, +1 for every restart Ray made). Kept in a small file per actor id on
+    its node, since Ray gives a restarted actor no count of its own; the driver reads it
+    for ``recovery/<role>_restarts``. 0 outside an actor."""
+    import fcntl
+    import os
+    import tempfile
+    from pathlib import Path
+
+    try:
+        actor_id = ray.get_runtime_context().get_actor_id()
+    except Exception:  # noqa: BLE001 - not inside Ray
+        actor_id = None
+    if not actor_id:
+        return 0
+    path = Path(tempfile.gettempdir()) / "twodrl-actors" / f"{actor_id}.starts"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        n = int(f.read().strip() or 0) + 1
+        f.seek(0)
+        f.truncate()
+        f.write(str(n))
+        f.flush()
+        os.fsync(f.fileno())
+    return n
 
 
 def kill_actor(name: str, namespace: str, no_restart: bool = True) -> bool:
@@ -300,7 +394,8 @@ def ceil_div(a: int, b: int) -> int:
 
 
 __all__ = [
-    "ANNOTATOR_NUM_CPUS", "PlacementError", "ROLES", "RoleResources", "actor_name", "actor_options",
+    "ANNOTATOR_NUM_CPUS", "ActorRequest", "PlacementError", "ROLES", "RoleResources", "actor_name", "actor_options",
+    "actor_request", "actor_requests",
     "ceil_div", "free_port", "get_or_create_actor", "gpus_per_actor", "kill_actor", "learner_group",
     "node_ip", "role_resources", "run_namespace", "tensor_parallel_group", "validate_placement",
     "wait_placement_group",

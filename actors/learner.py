@@ -43,6 +43,7 @@ from actors.common import (
     get_or_create_actor,
     learner_group,
     node_ip,
+    role_resources,
     run_namespace,
     validate_placement,
     wait_placement_group,
@@ -547,6 +548,167 @@ class LearnerRank(WeightSenderMixin):
                 sums[k] = sums.get(k, 0.0) + float(v) * batch.size
         return {"sums": sums, "count": count, "last": self._last()}
 
+    def train_ars(
+        self,
+        micro_batches: list[list[dict]],
+        ref_logps: Optional[list[torch.Tensor]],
+        epochs: int,
+        seed: int,
+        group_size: int,
+        weights: Optional[Sequence[float]] = None,
+    ) -> dict[str, Any]:
+        """Adaptive rejection sampling: each micro-batch holds whole groups of K samples;
+        only the selected sample of each prompt is run through the model (selection needs
+        the tokenization and scores, not a forward pass)."""
+        from twodrl import objectives
+
+        weights = list(weights) if weights is not None else self.weights
+        prepared = []
+        for i, mb in enumerate(micro_batches):
+            full = self._collate(mb, "appo")
+            t = objectives.ars_targets(full, weights, group_size, self.lc)
+            sub = objectives.select_rows(full, t.rows)
+            if ref_logps is not None:
+                ref = ref_logps[i].index_select(0, t.rows.cpu())
+            else:
+                with torch.no_grad():
+                    ref = _token_logps(self.ref_model, sub, self.device)[0]
+            prepared.append((sub, ref, t.keep_mask))
+        sums: dict[str, float] = {}
+        count = 0
+        for i in _shuffled_epochs(len(prepared), epochs, seed + 7919 * self.rank):
+            sub, ref, keep = prepared[i]
+            batch = sub.to(self.device)
+            lp, _ = _token_logps(self.engine, batch, self.device)
+            loss, metrics = objectives.compute_ars_loss(
+                lp, ref.to(self.device), keep.to(self.device), batch.response_mask, self.lc
+            )
+            self._step(loss)
+            count += batch.size
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * batch.size
+        return {"sums": sums, "count": count, "last": self._last()}
+
+    # ------------------------------------------------------------------ offline, step by step
+
+    def _offline_reference(self, batch, ref: Optional[list], i: int, needs_logits: bool) -> dict[str, torch.Tensor]:
+        """Reference outputs for micro-batch ``i``: token log-probs from the offline
+        cache (per-pair lists) or the reference actor (a padded tensor) when given, else
+        from the colocated model, which also gives TDPO its logits."""
+        from twodrl.offline import fill_reference
+
+        reference: dict[str, torch.Tensor] = {}
+        given = ref[i] if ref is not None else None
+        if given is not None:
+            lp = given if torch.is_tensor(given) else fill_reference(batch.response_mask.cpu(), batch.num_pairs, given)
+            reference["token_logps"] = lp.to(self.device)
+        if needs_logits or given is None:
+            if self.ref_model is None:
+                raise RuntimeError("no reference log-probs were given and this rank holds no reference model")
+            with torch.no_grad():
+                lp, logits = _token_logps(self.ref_model, batch, self.device, return_logits=needs_logits)
+            reference.setdefault("token_logps", lp)
+            reference["logits"] = logits
+        return reference
+
+    def offline_steps(self, micro_batches: list[list[dict]], algorithm: str, ref: Optional[list],
+                      accum: int) -> list[dict[str, Any]]:
+        """Train on the micro-batches in the order given (the driver owns the data
+        order, so a resume can continue it exactly); one entry of metrics per optimizer
+        step, i.e. per ``accum`` micro-batches (DeepSpeed steps the optimizer on the
+        accumulation boundary and scales each micro-batch's loss by 1/accum)."""
+        from twodrl import objectives
+
+        needs_logits = algorithm in objectives.NEEDS_REFERENCE_LOGITS
+        out: list[dict[str, Any]] = []
+        sums: dict[str, float] = {}
+        count = tokens = 0
+        for i, mb in enumerate(micro_batches):
+            batch = self._collate(mb, "pairs").to(self.device)
+            reference = self._offline_reference(batch, ref, i, needs_logits)
+            lp, logits = _token_logps(self.engine, batch, self.device, return_logits=needs_logits)
+            loss, metrics = objectives.compute_preference_loss(
+                algorithm, {"token_logps": lp, "logits": logits}, reference, batch, self.lc, self.weights
+            )
+            self._step(loss)
+            n = batch.size
+            count += n
+            tokens += int(batch.attention_mask.sum())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            if (i + 1) % accum == 0:
+                out.append({"sums": sums, "count": count, "tokens": tokens, "last": self._last()})
+                sums, count, tokens = {}, 0, 0
+        return out
+
+    @torch.no_grad()
+    def offline_eval(self, micro_batches: list[list[dict]], algorithm: str, ref: Optional[list]) -> list[dict]:
+        """Eval-mode loss and reward metrics per micro-batch, plus per-aspect margins
+        (``rewards/margins/<aspect>``, see ``twodrl.offline.aspect_margins``)."""
+        from twodrl import objectives
+        from twodrl.offline import aspect_margins
+
+        needs_logits = algorithm in objectives.NEEDS_REFERENCE_LOGITS
+        self.engine.eval()
+        out = []
+        try:
+            for i, mb in enumerate(micro_batches):
+                batch = self._collate(mb, "pairs").to(self.device)
+                reference = self._offline_reference(batch, ref, i, needs_logits)
+                lp, logits = _token_logps(self.engine, batch, self.device, return_logits=needs_logits)
+                _, metrics = objectives.compute_preference_loss(
+                    algorithm, {"token_logps": lp, "logits": logits}, reference, batch, self.lc, self.weights
+                )
+                ratios = (lp - reference["token_logps"]) * batch.response_mask
+                margins = aspect_margins(ratios, batch.segment_ids, batch.scores, batch.num_pairs, self.lc.beta,
+                                         self.aspects)
+                metrics.update({f"rewards/margins/{a}": float(m.mean()) for a, m in margins.items()})
+                out.append({"metrics": metrics, "count": batch.size})
+        finally:
+            self.engine.train()
+        return out
+
+    @torch.no_grad()
+    def pair_reference_logps(self, micro_batches: list[list[dict]]) -> list[tuple[list[float], list[float]]]:
+        """(chosen, rejected) response-token log-probs of every pair under the colocated
+        reference, for the offline cache. Collective under ZeRO-3."""
+        from twodrl.objectives import unpad_response
+
+        if self.ref_model is None:
+            raise RuntimeError("this rank has no colocated reference (learner.colocate_reference is false)")
+        out = []
+        for mb in micro_batches:
+            batch = self._collate(mb, "pairs")
+            lp, _ = _token_logps(self.ref_model, batch, self.device)
+            rows = unpad_response(lp.float().cpu(), batch.response_mask.cpu())
+            P = batch.num_pairs
+            out.extend((rows[i], rows[P + i]) for i in range(P))
+        return out
+
+    def release_reference(self) -> bool:
+        """Free the colocated reference once its log-probs are cached."""
+        had = self.ref_model is not None
+        self.ref_model = None
+        import gc
+
+        gc.collect()
+        return had
+
+    def rng_state(self) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        torch.set_rng_state(state)
+
+    def save_hf(self, directory: str) -> None:
+        """The policy alone in Hugging Face format (rank 0 writes; ZeRO-3 gathers are
+        collective, so every rank takes part)."""
+        from twodrl.models.loading import save_pretrained_safe
+
+        state = self._full_state_dict() if (self.rank == 0 or self.lc.zero_stage == 3) else {}
+        if self.rank == 0:
+            save_pretrained_safe(_StateModel(self.engine.module, state), self.tokenizer, directory)
+
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, directory: str) -> None:
@@ -691,6 +853,21 @@ class ReferenceServer:
         return out
 
 
+    @torch.no_grad()
+    def pair_logps(self, micro_batches: list[list[dict]]) -> list[tuple[list[float], list[float]]]:
+        """(chosen, rejected) response-token log-probs of every pair (offline cache)."""
+        from twodrl import objectives
+
+        out = []
+        for mb in micro_batches:
+            b = objectives.collate_pairs(self.tokenizer, mb, self.aspects, self.cfg.policy.max_length)
+            lp = objectives.forward_token_logps(self.model, b.to(self.device))[0].float().cpu()
+            rows = objectives.unpad_response(lp, b.response_mask.cpu())
+            P = b.num_pairs
+            out.extend((rows[i], rows[P + i]) for i in range(P))
+        return out
+
+
 # --------------------------------------------------------------------------- driver handle
 
 
@@ -727,7 +904,7 @@ class PolicyLearnerGroup:
             opts["max_restarts"] = 0
             self.ranks.append(get_or_create_actor(rank_cls, opts, cfg, i, self.world_size))
         self.reference = None
-        if not cfg.learner.colocate_reference:
+        if role_resources(cfg, "reference").count:  # the one count the planner reads too
             ref_opts = actor_options("reference", 0, cfg, self.namespace)
             self.reference = get_or_create_actor(ray.remote(ReferenceServer), ref_opts, cfg)
         addr, port = ray.get(self.ranks[0].rendezvous.remote())
@@ -826,6 +1003,35 @@ class PolicyLearnerGroup:
         self._round += 1
         return merge_metrics(parts)
 
+    def train_ars(self, groups: Sequence[Sequence[Any]], weights: Optional[Sequence[float]] = None,
+                  aspects: Optional[Sequence[str]] = None) -> dict[str, float]:
+        """Adaptive rejection sampling (seed 004 Eq. 16) on K scored samples per prompt
+        (``groups`` as for :meth:`train_appo`): NLL on the good tokens of each prompt's
+        best sample plus ``learner.ars_kl_coef`` × KL to the reference, for
+        ``learner.epochs_per_round`` epochs. Micro-batches hold whole groups (the
+        baseline is the group's); ``learner.micro_batch_size`` counts selected samples."""
+        from twodrl.objectives import rollout_items
+
+        if aspects is not None and list(aspects) != list(self.cfg.aspects.names):
+            raise ConfigError(
+                f"train_ars: samples are rated on {list(aspects)} but aspects.names is {self.cfg.aspects.names}"
+            )
+        weights = list(weights) if weights is not None else list(self.cfg.aspects.weights)
+        items, k = rollout_items(groups)
+        if not items:
+            return {}
+        plan = self._plan(len(items), unit=k)
+        shards = [[[items[i] for i in mb] for mb in rank_plan] for rank_plan in plan]
+        refs = self._reference_logps(shards, "appo")
+        parts = gather([
+            r.train_ars.remote(shards[j], refs[j], self.lc.epochs_per_round, self._seed(), k, weights)
+            for j, r in enumerate(self.ranks)
+        ])
+        self._round += 1
+        out = merge_metrics(parts)
+        out["train/selected"] = float(len(groups))
+        return out
+
     def compute_logprobs(self, items: Sequence[dict]) -> list[list[float]]:
         """Per-token log-probs of each item's response under the current policy.
         Items: ``{"prompt", "response"}`` texts (chat template applied) or
@@ -921,6 +1127,106 @@ class PolicyLearnerGroup:
     def named_full_parameters(self) -> list[tuple[str, torch.Tensor]]:
         outs = gather([r.named_full_parameters.remote() for r in self.ranks])
         return outs[0]
+
+    # ------------------------------------------------------------------ offline, step by step
+
+    def _offline_refs(self, shards: list[list[list[dict]]], index_shards: list[list[list[int]]],
+                      algorithm: str, ref_cache: Optional[Sequence]) -> list[Optional[list]]:
+        from twodrl.objectives import NEEDS_REFERENCE_LOGITS
+
+        if ref_cache is not None:
+            return [[[ref_cache[i] for i in mb] for mb in rank] for rank in index_shards]
+        if self.reference is not None and algorithm not in NEEDS_REFERENCE_LOGITS:
+            return self._reference_logps(shards, "pairs")
+        return [None] * len(shards)
+
+    def offline_train_steps(self, records: Sequence[dict], steps: Sequence[Sequence[Sequence[Sequence[int]]]],
+                            algorithm: str, ref_cache: Optional[Sequence] = None) -> list[dict[str, float]]:
+        """Train the optimizer steps ``steps[s][rank][micro] = record indices`` in that
+        order; returns one merged ``train/*`` metrics dict per step (with
+        ``train/tokens``). ``ref_cache[i]``: cached (chosen, rejected) reference
+        log-probs of record i, or None to compute them now."""
+        if algorithm not in PREFERENCE_ALGORITHMS:
+            raise ConfigError(f"algorithm: {algorithm!r} is not one of {PREFERENCE_ALGORITHMS}")
+        index_shards = [[list(mb) for step in steps for mb in step[k]] for k in range(self.world_size)]
+        shards = [[[records[i] for i in mb] for mb in rank] for rank in index_shards]
+        refs = self._offline_refs(shards, index_shards, algorithm, ref_cache)
+        parts = gather([
+            r.offline_steps.remote(shards[k], algorithm, refs[k], self.lc.grad_accum_steps)
+            for k, r in enumerate(self.ranks)
+        ])
+        out = []
+        for s in range(len(steps)):
+            merged = merge_metrics([p[s] for p in parts])
+            merged["train/tokens"] = float(sum(p[s]["tokens"] for p in parts))
+            out.append(merged)
+        return out
+
+    def offline_eval(self, records: Sequence[dict], algorithm: str, ref_cache: Optional[Sequence] = None) -> dict[str, float]:
+        """``eval/*`` metrics over ``records`` (every pair counted once), under the
+        current policy in eval mode."""
+        from twodrl.offline import eval_indices
+
+        if not records:
+            return {}
+        plan, real = eval_indices(len(records), self.world_size, self.lc.micro_batch_size)
+        shards = [[[records[i] for i in mb] for mb in rank] for rank in plan]
+        refs = self._offline_refs(shards, plan, algorithm, ref_cache)
+        outs = gather([r.offline_eval.remote(shards[k], algorithm, refs[k]) for k, r in enumerate(self.ranks)])
+        sums: dict[str, float] = {}
+        count = 0
+        for rank_out, flags in zip(outs, real):
+            for part, ok in zip(rank_out, flags):
+                if not ok:
+                    continue
+                count += part["count"]
+                for k, v in part["metrics"].items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * part["count"]
+        return {f"eval/{k}": v / max(count, 1) for k, v in sums.items()}
+
+    def offline_reference_logps(self, records: Sequence[dict], chunk: int = 16,
+                                progress: Optional[Callable[[int], None]] = None) -> list[tuple[list[float], list[float]]]:
+        """Reference log-probs of every record's two responses, computed once (by the
+        colocated references, or the reference actor), ``chunk`` micro-batches per rank
+        per call so ``progress(pairs_done)`` can report."""
+        from twodrl.offline import eval_indices
+
+        if not records:
+            return []
+        plan, _ = eval_indices(len(records), self.world_size, self.lc.micro_batch_size)
+        result: list = [None] * len(records)
+        steps = len(plan[0])
+        for start in range(0, steps, chunk):
+            part = [rank[start:start + chunk] for rank in plan]
+            shards = [[[records[i] for i in mb] for mb in rank] for rank in part]
+            if self.reference is not None:
+                outs = ray.get([self.reference.pair_logps.remote(s) for s in shards])
+            else:
+                outs = gather([r.pair_reference_logps.remote(shards[k]) for k, r in enumerate(self.ranks)])
+            for rank_part, out in zip(part, outs):
+                for i, v in zip([i for mb in rank_part for i in mb], out):
+                    result[i] = v  # a filler repeat carries the same values
+            if progress is not None:
+                progress(sum(len(mb) for rank in part for mb in rank))
+        return result
+
+    def release_reference(self) -> None:
+        """Free the reference models (their log-probs are cached)."""
+        gather([r.release_reference.remote() for r in self.ranks])
+        if self.reference is not None:
+            ray.kill(self.reference, no_restart=True)
+            self.reference = None
+
+    def rank_rng_states(self) -> list[torch.Tensor]:
+        return gather([r.rng_state.remote() for r in self.ranks])
+
+    def set_rank_rng_states(self, states: Sequence[torch.Tensor]) -> None:
+        gather([r.set_rng_state.remote(s) for r, s in zip(self.ranks, states)])
+
+    def save_pretrained(self, directory: str) -> str:
+        """The policy in Hugging Face format (safetensors + tokenizer), written atomically."""
+        gather([r.save_hf.remote(str(directory)) for r in self.ranks])
+        return str(directory)
 
     def _seed(self) -> int:
         return self.cfg.seed * 1_000_003 + self._round

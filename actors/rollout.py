@@ -610,8 +610,10 @@ class RolloutWorker:
     for how generation and weight updates are kept apart."""
 
     def __init__(self, cfg: RunConfig, index: int = 0, backend: Optional[str] = None, model_path: Optional[str] = None):
+        from actors.common import count_incarnation
         from twodrl.models.loading import load_tokenizer, resolve_model_path
 
+        self._incarnation = count_incarnation()
         self.cfg = cfg
         self.index = index
         self.backend_name = backend or cfg.rollout.backend
@@ -646,6 +648,11 @@ class RolloutWorker:
         """The process id: it changes when Ray restarts the worker (the driver counts
         restarts by it)."""
         return os.getpid()
+
+    @ray.method(concurrency_group=CONTROL_GROUP)
+    def incarnation(self) -> int:
+        """1, plus one for every restart of this actor."""
+        return self._incarnation
 
     @ray.method(concurrency_group=CONTROL_GROUP)
     def weights_version(self) -> int:

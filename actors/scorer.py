@@ -2,17 +2,20 @@
 
 Backends (``scorer.backend``), one interface:
 
-``hf`` (default; what runs and is tested here)
+``hf`` (what runs and is tested here; the only backend that can train)
     The reward model through :func:`twodrl.models.loading.load_reward_model` (a token
     classification model read at each segment's last token, see
     :mod:`twodrl.models.reward_model`), batched ``scorer.batch_size`` responses per
-    forward, on CPU or one GPU.
+    forward, on CPU, one GPU, or — with ``tensor_parallel_size`` N > 1 — sharded layer
+    by layer over N GPUs (``device_map="auto"``); the actor then asks Ray for N GPUs
+    (:func:`actors.common.actor_request`), so they are visible to it.
 ``vllm`` (GPU clusters; not exercised by the CPU test suite)
     The same checkpoint in vLLM's pooling runner with ``tensor_parallel_size`` GPUs, so
     a 72B reward model fits across a node. The prompt is tokenized here with the same
     chat template, so the positions of segment-final tokens are known; vLLM returns the
-    per-token head outputs, and the rows at those positions are the ratings. Training
-    always uses the ``hf`` path.
+    per-token head outputs, and the rows at those positions are the ratings.
+``auto`` (the default) is ``vllm`` on GPU when the run never trains the reward model,
+else ``hf`` (:meth:`twodrl.config.ScorerConfig.resolved_backend`).
 
 Round 0 trains the reward model on judge annotations (:meth:`RewardScorer.train`);
 every scorer of the pool then loads the same weights (:meth:`RewardScorer.load`).
@@ -40,11 +43,15 @@ class RewardScorer:
     ``aspects.names`` order)."""
 
     def __init__(self, cfg: RunConfig, index: int = 0):
+        from actors.common import count_incarnation
+
+        self._incarnation = count_incarnation()
         torch.set_num_threads(int(os.environ.get("TWODRL_TORCH_THREADS", "1")))
         self.cfg = cfg
         self.index = index
         self.aspects = list(cfg.aspects.names)
         self.on_gpu = cfg.scorer.num_gpus > 0 and torch.cuda.is_available()
+        self.backend = cfg.scorer.resolved_backend()
         self.device = torch.device("cuda") if self.on_gpu else torch.device("cpu")
         self.model_cfg = cfg.scorer.model
         self._vllm = None
@@ -63,14 +70,19 @@ class RewardScorer:
         from twodrl.models.loading import load_reward_model, load_tokenizer
 
         self.tokenizer = load_tokenizer(model_cfg)
-        if self.cfg.scorer.backend == "vllm" and self.on_gpu:
+        tp = self.cfg.scorer.tensor_parallel_size
+        if self.backend == "vllm" and self.on_gpu:
             self.model = None
-            self._vllm = _VllmTokenScorer(model_cfg, self.cfg.scorer.tensor_parallel_size)
+            self._vllm = _VllmTokenScorer(model_cfg, tp)
             labels = self._vllm.aspects
         else:
             from twodrl.models.reward_model import aspect_names
 
-            self.model = load_reward_model(model_cfg, device=self.device, mode=self.cfg.scorer.mode)
+            # With N > 1 GPUs (Ray made N visible to this actor) the layers are spread
+            # over them; a model too big for one GPU is what N > 1 is for.
+            device_map = "auto" if self.on_gpu and tp > 1 else None
+            self.model = load_reward_model(model_cfg, device=self.device, mode=self.cfg.scorer.mode,
+                                           aspects=self.aspects, device_map=device_map)
             labels = aspect_names(self.model)
         if list(labels) != self.aspects:
             # A silent mismatch would feed, say, safety ratings in as correctness.
@@ -80,6 +92,10 @@ class RewardScorer:
 
     def ready(self) -> int:
         return os.getpid()
+
+    def incarnation(self) -> int:
+        """1, plus one for every restart of this actor."""
+        return self._incarnation
 
     # ------------------------------------------------------------------ scoring
 
@@ -124,11 +140,13 @@ class RewardScorer:
 
     # ------------------------------------------------------------------ training
 
-    def train(self, records: list[dict], cfg: Optional[ScorerConfig] = None, epochs: Optional[int] = None) -> dict[str, Any]:
+    def train(self, records: list[dict], cfg: Optional[ScorerConfig] = None, epochs: Optional[int] = None,
+              lr: Optional[float] = None) -> dict[str, Any]:
         """Fit the reward model on HelpSteer-2D records (judge annotations) with the
-        ``scorer.train_*`` settings (or ``cfg``; ``epochs`` overrides its epochs);
-        returns the training metrics (``rm/mse`` …). The trained weights survive a
-        restart of this actor."""
+        ``scorer.train_*`` settings (or ``cfg``; ``epochs`` / ``lr`` override its
+        epochs / learning rate: the online updates fine-tune gently); returns the
+        training metrics (``rm/mse`` …). The trained weights survive a restart of this
+        actor."""
         from twodrl.models import reward_model
 
         if self.model is None:
@@ -136,6 +154,8 @@ class RewardScorer:
         sc = cfg or self.cfg.scorer
         if epochs is not None:
             sc = replace(sc, train_epochs=epochs)
+        if lr is not None:
+            sc = replace(sc, train_lr=lr)
         try:
             metrics = reward_model.train_reward_model(
                 self.model, self.tokenizer, records, sc, progress=False, seed=self.cfg.seed
@@ -237,7 +257,9 @@ def create_scorers(cfg: RunConfig, namespace: Optional[str] = None, validate: bo
     cls = ray.remote(RewardScorer)
     handles = []
     for i in range(cfg.scorer.num_workers):
-        pg = tensor_parallel_group(res) if cfg.scorer.backend == "vllm" else None
+        # A vLLM TP engine gets its group; an HF scorer asks for its GPUs directly
+        # (actors.common.actor_request decides, and twodrl plan reads the same).
+        pg = tensor_parallel_group(res, name=f"{namespace}-scorer-{i}")
         wait_placement_group(pg, field_hint="scorer.tensor_parallel_size / scorer.num_gpus")
         opts = actor_options("scorer", i, cfg, namespace=namespace, placement=pg, bundle_index=0 if pg else -1)
         handles.append(get_or_create_actor(cls, opts, cfg, i))

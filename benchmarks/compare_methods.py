@@ -55,6 +55,8 @@ DEFAULT_WEIGHTS = [0.3, 0.4, 0.1, 0.1, 0.1]  # configs/quickstart.yaml
 METHODS = {
     "DPO": "dpo",
     "IPO": "ipo",
+    "KTO": "kto",
+    "ORPO": "orpo",
     "SimPO": "simpo",
     "TDPO": "tdpo2",
     "1D-DPO": "1d-dpo",
@@ -195,20 +197,23 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def credit_table(runs: dict[str, dict], names: Sequence[str] = tuple(METHODS)) -> tuple[list[str], list[list[str]]]:
-    """Per method, after the last round: the mean change of per-token log-prob of the
-    probe's chosen and rejected segments by weighted-rating bin, and the selectivity
-    (top-bin chosen segments minus chosen segments rated below 2), mean ± std over seeds."""
-    cols = [f"{side}/{b}" for side in ("chosen", "rejected") for b in CREDIT_BINS] + ["selectivity"]
+def credit_table(runs: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """Per experiment run (a method, a β of the 2D-DPO sweep, a weight setting), after
+    the last round: the mean change of per-token log-prob of the probe's chosen and
+    rejected segments by weighted-rating bin, the selectivity (top-bin chosen segments
+    minus chosen segments rated below 2) and the slope of Δ against the rating, mean ±
+    std over seeds."""
+    cols = [f"{side}/{b}" for side in ("chosen", "rejected") for b in CREDIT_BINS] + ["selectivity", "slope"]
+    groups: dict[str, list[dict]] = {}
+    for key, run in sorted(runs.items()):
+        if run.get("rows") and any(k.startswith("credit/") for k in run["rows"][-1]):
+            groups.setdefault(key.rsplit("/seed=", 1)[0], []).append(run["rows"][-1])
     rows = []
-    for name in names:
-        prefix = f"methods/{name}/seed="
-        lasts = [run["rows"][-1] for key, run in sorted(runs.items()) if key.startswith(prefix) and run.get("rows")]
-        if not lasts or not any(isinstance(r.get("credit/selectivity"), (int, float)) or
-                                isinstance(r.get("credit/chosen/3-4"), (int, float)) for r in lasts):
+    for name, lasts in groups.items():
+        if not any(isinstance(r.get("credit/slope"), (int, float)) for r in lasts):
             continue
         rows.append([name, str(len(lasts))] + [fmt(mean_std(r.get(f"credit/{c}") for r in lasts), 3) for c in cols])
-    return ["method", "n seeds"] + cols, rows
+    return ["run", "n seeds"] + cols, rows
 
 
 def plot_credit(data: dict, out_png: str | Path) -> Optional[Path]:
@@ -269,7 +274,7 @@ def results_tables(data: dict) -> str:
     header_c, rows_c = credit_table(runs)
     if rows_c:
         parts.append("Segment credit after the last round (Δ log-prob per token of held-out probe segments since "
-                     "the warm start, by the segment's weighted rating; mean ± std over seeds):\n\n"
+                     "the probe was drawn in round 0, by the segment's weighted rating; mean ± std over seeds):\n\n"
                      + markdown_table(header_c, rows_c))
     pair = paired(runs, base, "methods", list(METHODS))
     if pair:

@@ -54,7 +54,7 @@ from twodrl.checkpoint import (
 )
 from twodrl.config import RunConfig, dump_config, to_dict
 from twodrl.metrics import ray_metric_name, round_metric_keys
-from twodrl.rounds import PromptCursor, ScoredSample, agreement, reward_summary, sample_rating, select_pairs
+from twodrl.rounds import PromptCursor, ScoredSample, agreement, reward_summary, select_pairs
 from twodrl.tasks import Task, TaskPrompt, prepare_task
 from twodrl.tracking import MetricsLogger, plot_rewards, read_metrics, truncate_metrics
 
@@ -205,7 +205,7 @@ class OnlineDriver:
         self.recovered: dict[str, int] = {}  # role -> faults of its actors the driver rode through
         # Restarts Ray made of each role's actors, seen as a new process id.
         self.restarts: dict[str, int] = {"rollout": 0, "scorer": 0, "annotator": 0}
-        self._pids: dict[str, int] = {}
+        self._restarts_before: dict[str, int] = {}  # from the checkpoint a resume starts at
         self._credit_probe: tuple[list[dict], list] | None = None  # probe pairs, their log-probs then
         self._faults_fired: set[str] = set()
         self.logger: MetricsLogger | None = None
@@ -224,7 +224,6 @@ class OnlineDriver:
         )
         self._start_judge()
         self._create_actors()
-        self._pids = self._actor_pids()
         sinks = [RayMetricsSink(round_metric_keys(self.aspects), self.run_name)]
         last = latest_checkpoint(self.run_dir) if self.resume else None
         if last is None:
@@ -280,6 +279,10 @@ class OnlineDriver:
         logged = {r.get("round") for r in read_metrics(self.run_dir / "metrics.jsonl")}
         # Killed between the checkpoint's rename and the metrics write: log it on set-up.
         state = read_driver_state(path, restore=False)
+        # A resumed run's actors are new (their start counts begin again): carry the
+        # restarts of the attempts before.
+        self._restarts_before = dict(state.get("restarts") or {})
+        self.restarts.update(self._restarts_before)
         self._unlogged_row = state.get("metrics") if round_idx not in logged and state.get("metrics") else None
         print(f"[twodrl] resumed after round {round_idx} from {path}")
 
@@ -294,8 +297,6 @@ class OnlineDriver:
         self.completed_prompts = state.get("completed_prompts", 0)
         self.weights_version = state.get("weights_version", 0)
         self.learner_restarts = max(self.learner_restarts, state.get("learner_restarts", 0))
-        for role, n in (state.get("restarts") or {}).items():
-            self.restarts[role] = max(self.restarts.get(role, 0), n)
         self._resume_requests = state.get("pending_requests")
         self._directions.update(state.get("pending_directions") or {})
         if (self.run_dir / "warmstart").is_dir():
@@ -359,24 +360,15 @@ class OnlineDriver:
             + f"--resume continues after {where}."
         )
 
-    def _actor_pids(self) -> dict[str, int]:
-        pids = {}
+    def _count_restarts(self) -> None:
+        """``recovery/<role>_restarts``: how often Ray restarted the run's rollout,
+        scorer and annotator actors (each counts its own starts; the run rode through
+        every one), plus those of earlier attempts of a resumed run."""
         for role, actors in (("rollout", self.rollout_workers), ("scorer", self.scorers),
                              ("annotator", self.annotators)):
             _await_ready(actors)
-            for i, a in enumerate(actors):
-                pids[f"{role}-{i}"] = int(ray.get(a.ready.remote(), timeout=60))
-        return pids
-
-    def _count_restarts(self) -> None:
-        """Count the restarts of rollout, scorer and annotator actors since the last
-        look (``recovery/<role>_restarts``): the run rode through them."""
-        pids = self._actor_pids()
-        for name, pid in pids.items():
-            if name in self._pids and self._pids[name] != pid:
-                role = name.rsplit("-", 1)[0]
-                self.restarts[role] = self.restarts.get(role, 0) + 1
-        self._pids = pids
+            starts = ray.get([a.incarnation.remote() for a in actors], timeout=60)
+            self.restarts[role] = self._restarts_before.get(role, 0) + sum(max(0, n - 1) for n in starts)
 
     def _learner_alive(self) -> bool:
         try:
@@ -629,29 +621,18 @@ class OnlineDriver:
         return out
 
     def _win_rate(self, samples: list[ScoredSample], round_idx: int) -> dict:
-        from twodrl.evaluation import pair_outcome, win_rate
+        from twodrl.evaluation import both_order_items, both_order_outcomes, win_rate
 
         base = {b["id"]: b for b in self.baseline or []}
         pairs = [(s, base[p.id]) for s, p in zip(samples, self.eval_prompts) if p.id in base]
-        items = []
-        for s, b in pairs:  # both orders: candidate first, then baseline first
-            items.append({"prompt": s.prompt, "history": s.history, "responses": [s.segments, b["segments"]]})
-            items.append({"prompt": s.prompt, "history": s.history, "responses": [b["segments"], s.segments]})
-        rated = self.judge_pairs(items)
-        outcomes = []
-        for k in range(len(pairs)):
-            first, second = rated[2 * k], rated[2 * k + 1]
-            if first is None or second is None:
-                outcomes.append(None)
-                continue
-            cand = [self._weighted(first[0]), self._weighted(second[1])]
-            bl = [self._weighted(first[1]), self._weighted(second[0])]
-            outcomes.append(pair_outcome(cand, bl))
+        items = both_order_items([(s.prompt, s.history, s.segments, b["segments"]) for s, b in pairs])
+        outcomes = both_order_outcomes(self.judge_pairs(items), self._weighted)
         return win_rate(outcomes, prefix="eval", seed=self.cfg.seed + round_idx)
 
     def _weighted(self, by_aspect: dict) -> float:
-        rows = [list(r) for r in zip(*(by_aspect[a] for a in self.aspects))]
-        return sample_rating(ScoredSample("", "", "", [], rows), self.weights, self.aspects)[0]
+        from twodrl.evaluation import weighted_rating
+
+        return weighted_rating(by_aspect, self.weights, self.aspects)
 
     def judge_pairs(self, items: list[dict]) -> list[list[dict] | None]:
         """Judge ratings of segmented response pairs (``{"prompt", "history",
@@ -791,6 +772,59 @@ class OnlineDriver:
         return {"text": sample.text, "segments": segments,
                 "scores": {a: [row[k] for row in scores] for k, a in enumerate(self.aspects)}}
 
+    def update_reward_model(self, judged_samples: list[tuple[ScoredSample, Any]], round_idx: int) -> dict:
+        """Keep the reward model current (``scorer.update_every_rounds``): this round's
+        judge-rated samples join the RM's online training set
+        (``RUN_DIR/reward_model_data.jsonl``), and the RM is fine-tuned on the whole set
+        for ``scorer.update_epochs`` epochs before the next round's scoring. The policy
+        drifts away from the data the round-0 RM saw; the judge's audit labels are the
+        policy's current distribution, so they are what keeps the RM's ratings honest.
+
+        ``judged_samples``: (sample, judge answer or None) with the RM's ratings still
+        in ``sample.scores``. Returns ``rm/mae/<aspect>`` (mean absolute error of the RM
+        against the judge on this round's audited segments, logged every round) and, when
+        it trained, ``rm_update/*``. The updated RM replaces ``RUN_DIR/reward_model``
+        atomically, so a resumed run and a restarted scorer load it."""
+        sc = self.cfg.scorer
+        judged = [(s, j) for s, j in judged_samples if j is not None]
+        same = [(s.scores, j[1]) for s, j in judged if len(j[1]) == len(s.scores)]
+        out: dict[str, Any] = {}
+        for k, a in enumerate(self.aspects):
+            errs = [abs(min(4.0, max(0.0, float(m[k]))) - float(r[k])) for ms, js in same for m, r in zip(ms, js)]
+            out[f"rm/mae/{a}"] = sum(errs) / len(errs) if errs else math.nan
+        if sc.update_every_rounds == 0 or sc.resolved_backend() != "hf":
+            return out
+        path = self.run_dir / "reward_model_data.jsonl"
+        # A redone round (resume, learner recovery) replaces its own earlier rows.
+        rows = [r for r in (json.loads(x) for x in (path.read_text().splitlines() if path.is_file() else []) if x.strip())
+                if r["round"] < round_idx]
+        rows += [{"round": round_idx, "prompt": s.prompt, "history": s.history or [], "system": s.system,
+                  "chosen": self._labelled(s, j)} for s, j in judged if j[0]]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        # No update after the last round: no scoring follows it.
+        due = (round_idx + 1) % sc.update_every_rounds == 0 and round_idx + 1 < self.total_rounds
+        if not due or not rows:
+            return out
+        t0 = time.perf_counter()
+        for attempt in range(sc.max_restarts + 1):
+            # A scorer Ray is restarting is waited for; one that dies while training
+            # comes back with the last saved RM, so the update is simply redone.
+            _await_ready(self.scorers, deadline_s=sc.call_timeout_s)
+            try:
+                stats = ray.get(self.scorers[0].train.remote(rows, epochs=sc.update_epochs, lr=sc.update_lr))
+                with atomic_directory(self.run_dir / "reward_model") as tmp:
+                    ray.get(self.scorers[0].save.remote(str(tmp)))
+                if len(self.scorers) > 1:  # every scorer serves the same model
+                    ray.get([s.load.remote(str(self.run_dir / "reward_model")) for s in self.scorers[1:]])
+                break
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.ActorDiedError):
+                if attempt == sc.max_restarts:
+                    raise
+        out.update({f"rm_update/{k.split('/')[-1]}": v for k, v in stats.items() if isinstance(v, (int, float))})
+        out["rm_update/records"] = len(rows)
+        out["time/rm_update_s"] = time.perf_counter() - t0
+        return out
+
     # ------------------------------------------------------------------ a round
 
     def _plan_prompts(self, round_idx: int) -> list[dict]:
@@ -861,6 +895,7 @@ class OnlineDriver:
         stage_time += annotate_metrics["time/annotate_s"]
         pairs_rm = [(s, j[1]) for s, j in zip(audit, judged) if j is not None and len(j[1]) == len(s.scores)]
         metrics.update(agreement([s.scores for s, _ in pairs_rm], [j for _, j in pairs_rm], self.aspects))
+        metrics.update(self.update_reward_model(list(zip(audit, judged)), round_idx))
         if cfg.annotator.judge_overrides_rm:
             for s, judge_scores in pairs_rm:  # the judge's ratings are the better label
                 s.scores = [list(map(float, row)) for row in judge_scores]
@@ -902,16 +937,19 @@ class OnlineDriver:
         return row
 
     def train(self, groups: list[list[ScoredSample]]) -> dict:
-        """The learner's step of the round, by algorithm: preference pairs (2D-DPO and the
-        DPO family), PPO-clip with adaptive masks (APPO), or rejection-sampling
-        fine-tuning on the best sample along each prompt's direction (DPA-RSF)."""
+        """The learner's step of the round, by algorithm: preference pairs (2D-DPO, the
+        DPO family and ADPO), PPO-clip with adaptive masks (APPO), adaptive rejection
+        sampling on each prompt's best sample (ARS), or rejection-sampling fine-tuning on
+        the best sample along each prompt's direction (DPA-RSF)."""
         algorithm = self.cfg.algorithm
-        if algorithm in ("appo", "dpa-rsf"):
+        if algorithm in ("appo", "dpa-rsf", "ars"):
             # These train on samples, not pairs: the probe is still drawn from the
             # round's best/worst pairs, but nothing is held out of training.
             self._hold_out_probe(select_pairs(groups, self.weights, self.aspects), hold_out=False)
         if algorithm == "appo":
             return self.learner.train_appo(groups, self.weights, self.aspects)
+        if algorithm == "ars":
+            return self.learner.train_ars(groups, self.weights, self.aspects)
         if algorithm == "dpa-rsf":
             return self._train_dpa(groups)
         pairs = self._hold_out_probe(select_pairs(groups, self.weights, self.aspects))

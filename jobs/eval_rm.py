@@ -50,7 +50,7 @@ def main(argv: list[str], prog: str = "twodrl eval-rm") -> int:
         return 2
     mcfg = ModelConfig(path=str(ckpt), dtype=cfg.scorer.model.dtype, trust_remote_code=cfg.scorer.model.trust_remote_code,
                        max_length=cfg.scorer.model.max_length)
-    model = load_reward_model(mcfg, mode=cfg.scorer.mode)
+    model = load_reward_model(mcfg, mode=cfg.scorer.mode, aspects=list(cfg.aspects.names))
     tok = load_tokenizer(mcfg)
     try:
         _, held = build_datasets(cfg, aspect_names(model))

@@ -19,12 +19,20 @@ from twodrl.config import ConfigError, RunConfig, load_config
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="YAML run config (see configs/)")
+    return run_parser(prog, __doc__.splitlines()[0], "YAML run config (see configs/)",
+                      "continue after the last completed round in --run-dir")
+
+
+def run_parser(prog: str, description: str, config_help: str, resume_help: str) -> argparse.ArgumentParser:
+    """The arguments every job that owns a run directory takes (``twodrl run``,
+    ``twodrl train``): the config, overrides, the run directory and how to treat one
+    that already holds a run."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("config", help=config_help)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set learner.beta=0.5 (repeatable)")
-    parser.add_argument("--run-dir", help="where metrics, checkpoints and plots go (default: runs/<name>)")
-    parser.add_argument("--resume", action="store_true", help="continue after the last completed round in --run-dir")
+    parser.add_argument("--run-dir", help="where metrics, checkpoints and outputs go (default: runs/<name>)")
+    parser.add_argument("--resume", action="store_true", help=resume_help)
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in a --run-dir that holds one; the old run is moved to "
                              "RUN_DIR/.previous-<time>/, not deleted")
@@ -63,7 +71,7 @@ def preflight(cfg: RunConfig, source: str):
 def main(argv: list[str] | None = None, prog: str = "twodrl run") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, cls=RunConfig)
         task = preflight(cfg, args.config)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,6 +11,12 @@ with another seed, minus any response also in the training set, plus
 model.safetensors, tokenizer), ``OUT/train_metrics.jsonl`` (one line per epoch) and
 ``OUT/eval.json``, and prints the per-aspect evaluation table.
 
+``scorer.model.path`` is a reward model to continue training, or any causal-LM
+directory or hub name (Qwen2, Llama, Mistral …): the backbone then gets a fresh head
+with one output per ``aspects.names`` entry (token classification, or sequence
+classification with ``scorer.mode=sequence``), so what is saved loads with
+``AutoModelForTokenClassification`` and rates the run's aspects by name.
+
 ``OUT`` is replaced whole, so it must be absent, empty or a reward model this command
 wrote (it leaves ``twodrl_reward_model.json`` there); anything else is refused before
 the model loads, unless ``--overwrite``, which moves it aside to ``OUT.previous-<time>``.
@@ -131,7 +137,9 @@ def main(argv: list[str], prog: str = "twodrl train-rm") -> int:
     torch.manual_seed(cfg.seed)
     progress = cfg.logging.progress and not args.no_progress
     sc = cfg.scorer
-    model = load_reward_model(sc.model, mode=sc.mode)
+    # A causal-LM backbone gets a fresh head named after aspects.names; a reward model
+    # must already rate exactly those aspects.
+    model = load_reward_model(sc.model, mode=sc.mode, aspects=list(cfg.aspects.names))
     tok = load_tokenizer(sc.model)
     aspects = aspect_names(model)
     try:

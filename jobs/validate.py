@@ -99,6 +99,12 @@ def main(argv: list[str], prog: str = "twodrl validate") -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    from twodrl.config import OfflineConfig
+
+    if isinstance(cfg, OfflineConfig):
+        print(f"OK: {target}: offline training config (twodrl train), algorithm {cfg.algorithm}, "
+              f"data {cfg.data.train}, policy {cfg.policy.path}")
+        return 0
     print(
         f"OK: {target}: algorithm {cfg.algorithm}, {cfg.rounds} rounds, policy {cfg.policy.path}, "
         f"aspects {dict(zip(cfg.aspects.names, cfg.aspects.weights))}"

@@ -13,8 +13,11 @@ import sys
 # subcommand -> (module in jobs/, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("jobs.online", "run the online iterative alignment job (2D-DPO, APPO, DPA-RSF, baselines)"),
+    "train": ("jobs.train", "train the policy offline on a preference dataset (2D-DPO, DPO-family losses)"),
+    "convert": ("jobs.convert", "convert HelpSteer2 / TRL preference / UltraFeedback data to HelpSteer-2D records"),
     "train-rm": ("jobs.train_rm", "train the 2D segment reward model"),
     "eval-rm": ("jobs.eval_rm", "evaluate the 2D reward model per aspect"),
+    "eval": ("jobs.eval", "judge a policy checkpoint per aspect and against a baseline (win rate)"),
     "annotate": ("jobs.annotate", "annotate preference pairs with an LLM judge (OpenAI API)"),
     "serve-judge": ("jobs.serve_judge", "serve the local rule-based judge (OpenAI-compatible HTTP)"),
     "plan": ("jobs.plan", "plan actor placement and per-GPU memory on a cluster"),

@@ -174,7 +174,9 @@ class RolloutConfig:
 @dataclass
 class ScorerConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(path="tiny:reward"))
-    backend: Literal["hf", "vllm"] = "hf"
+    # "auto": vLLM's pooling runner on GPU when the run never trains the RM, else the
+    # HF model (training needs its weights; CPU always uses it). See resolved_backend.
+    backend: Literal["auto", "hf", "vllm"] = "auto"
     num_workers: int = ranged(1, 1)
     batch_size: int = ranged(16, 1)
     num_gpus: float = ranged(0.0, 0)
@@ -198,6 +200,19 @@ class ScorerConfig:
     eval_data: list[str] = field(default_factory=list)  # extra held-out HelpSteer-2D files
     include_sample_data: bool = True  # add the shipped HelpSteer-2D sample to training
     output_dir: Optional[str] = None  # default: runs/<run_name or "rm">/reward_model
+    # Online runs: every this many rounds the judge-rated samples gathered so far
+    # fine-tune the RM before the next round's scoring (0: never; the RM of round 0 stays).
+    update_every_rounds: int = ranged(0, 0)
+    update_epochs: int = ranged(3, 1)  # epochs over the gathered judge-rated samples per update
+    update_lr: Optional[float] = ranged(None, 0, 1, "(]")  # None: train_lr
+
+    def resolved_backend(self) -> str:
+        """The backend the scorer actors really run: ``auto`` is vLLM on GPU unless the
+        reward model is trained in the run (round 0 or updates), which needs the HF copy."""
+        if self.backend != "auto":
+            return self.backend
+        trains = self.rm_train_responses > 0 or self.update_every_rounds > 0
+        return "vllm" if self.num_gpus > 0 and not trains else "hf"
 
 
 @dataclass
@@ -254,10 +269,17 @@ class LearnerConfig:
     kto_desirable_weight: float = ranged(1.0, 0)
     kto_undesirable_weight: float = ranged(1.0, 0)
     orpo_lambda: float = ranged(0.1, 0)
+    # 2D-DPO: "grouped" is Eq. 6 (paired segments, per-side β equalisation); "ungrouped"
+    # is Eq. 5 (one term over all segments, plain β on both sides, as the paper writes it).
+    two_d_dpo_form: Literal["grouped", "ungrouped"] = "grouped"
+    # ARS: factor of the KL term; Eq. 16 writes it without one (1), no tuned value given.
+    ars_kl_coef: float = ranged(1.0, 0)
     # APPO
     clip_eps: float = ranged(0.2, 0, 1, "(]")  # the ratio is clamped to [1 - eps, 1 + eps]
     kl_coef: float = ranged(0.05, 0)
     schmitt_delta: float = ranged(0.1, 0)
+    # true: the trigger keeps its state inside the band (default: a one-token dip must not
+    # split a good run, the trigger's purpose); false: seed 004 Eq. 18 exactly (0 in band).
     schmitt_hysteresis: bool = True
     ppo_epochs: int = ranged(2, 1)
     # Placement
@@ -311,7 +333,8 @@ class RunConfig:
     seed: int = ranged(0, 0, 2**32 - 1)  # what numpy's seeding accepts
     rounds: int = ranged(4, 1)
     algorithm: Literal[
-        "2d-dpo", "1d-dpo", "dpo", "ipo", "kto", "orpo", "simpo", "tdpo1", "tdpo2", "appo", "dpa-rsf"
+        "2d-dpo", "1d-dpo", "dpo", "ipo", "kto", "orpo", "simpo", "tdpo1", "tdpo2", "appo", "dpa-rsf",
+        "adpo", "ars",
     ] = "2d-dpo"
     scheduling: Literal["sync", "overlap"] = "sync"
     run_name: Optional[str] = None
@@ -325,6 +348,53 @@ class RunConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     dpa: DPAConfig = field(default_factory=DPAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class OfflineDataConfig:
+    """Offline training data (``twodrl train``): a preference dataset read through
+    :mod:`twodrl.convert`, so every layout ``twodrl convert`` reads works here too."""
+
+    # JSONL / Parquet / saved `datasets` directory / hub name, or "synthetic" for
+    # rule-labelled records from twodrl.synthetic (`synthetic_pairs` of them).
+    train: Optional[str] = None
+    eval: Optional[str] = None  # None: a seeded `eval_fraction` of train is held out
+    eval_fraction: float = ranged(0.1, 0, 1, "[)")
+    format: Literal["auto", "helpsteer2d", "helpsteer2", "preference"] = "auto"
+    split: str = "train"
+    eval_split: str = "test"
+    synthetic_pairs: int = ranged(256, 1)
+    max_train_records: Optional[int] = ranged(None, 1)  # cap after loading; None: all
+
+
+@dataclass
+class OfflineTrainConfig:
+    epochs: int = ranged(1, 1)
+    max_steps: Optional[int] = ranged(None, 1)  # optimizer steps; None: `epochs` full passes
+    eval_every_steps: int = ranged(0, 0)  # 0: eval only at the end
+    save_every_steps: int = ranged(0, 0)  # 0: no intermediate checkpoints
+    log_every_steps: int = ranged(1, 1)
+    # True: reference log-probs computed once and cached in RUN_DIR/reference_logps/
+    # (the reference model is then freed); False: the reference runs beside the policy
+    # every step. TDPO needs reference logits every step and always keeps it.
+    precompute_reference: bool = True
+
+
+@dataclass
+class OfflineConfig:
+    """``twodrl train``: offline preference training on the DeepSpeed learner group."""
+
+    seed: int = ranged(0, 0, 2**32 - 1)
+    algorithm: Literal["2d-dpo", "1d-dpo", "dpo", "ipo", "kto", "orpo", "simpo", "tdpo1", "tdpo2"] = "2d-dpo"
+    run_name: Optional[str] = None
+    policy: ModelConfig = field(default_factory=ModelConfig)
+    reference: Optional[ModelConfig] = None  # None: a frozen copy of the policy
+    aspects: AspectsConfig = field(default_factory=AspectsConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    data: OfflineDataConfig = field(default_factory=OfflineDataConfig)
+    train: OfflineTrainConfig = field(default_factory=OfflineTrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -570,11 +640,13 @@ def _apply_override(data: dict, assignment: str) -> None:
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
-    cls: type = RunConfig,
+    cls: Optional[type] = None,
     validate: bool = True,
 ) -> Any:
     """Load a YAML file into ``cls`` (default :class:`RunConfig`), apply overrides,
-    validate. Raises :class:`ConfigError` naming file, line and field."""
+    validate. Raises :class:`ConfigError` naming file, line and field. Without ``cls``
+    a file with the offline job's own sections (``data``, ``train``) loads as an
+    :class:`OfflineConfig`, every other one as a :class:`RunConfig`."""
     source = str(path) if path else "<defaults>"
     data: dict = _LinedDict({}, {})
     if path is not None:
@@ -589,10 +661,14 @@ def load_config(
         data = loaded
     for assignment in overrides:
         _apply_override(data, assignment)
+    if cls is None:
+        cls = OfflineConfig if any(k in data for k in _OFFLINE_ONLY_SECTIONS) else RunConfig
     cfg = _build(cls, data, "", source)
     where = _locations(data, source)
     if validate and cls is RunConfig:
         validate_run_config(cfg, source, where)  # checks the ranges first
+    elif validate and cls is OfflineConfig:
+        validate_offline_config(cfg, source, where)  # checks the ranges first
     else:
         check_ranges(cfg, source, where)
     return cfg
@@ -733,6 +809,14 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>", where: Optiona
         if len(dpa.objectives) < 2 or len(set(dpa.objectives)) != len(dpa.objectives):
             raise ConfigError(f"{at('dpa.objectives')}: dpa.objectives must be ≥ 2 distinct names, "
                           f"got {dpa.objectives}")
+    sc = cfg.scorer
+    if sc.backend == "vllm" and sc.num_gpus > 0 and (sc.rm_train_responses > 0 or sc.update_every_rounds > 0):
+        # vLLM serves a fixed checkpoint: there is no trainable copy to update.
+        raise ConfigError(
+            f"{at('scorer.backend', 'scorer.rm_train_responses', 'scorer.update_every_rounds')}: scorer.backend=vllm "
+            f"cannot train the reward model (scorer.rm_train_responses={sc.rm_train_responses}, "
+            f"scorer.update_every_rounds={sc.update_every_rounds}); use backend hf or auto, or set both to 0"
+        )
     models = [("policy", cfg.policy), ("reference", cfg.reference), ("scorer.model", cfg.scorer.model)]
     for name, model in models:
         if model is None:
@@ -742,6 +826,24 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>", where: Optiona
             import warnings
 
             warnings.warn(f"{source}: {name}.trust_remote_code is on; remote model code will run", stacklevel=2)
+
+
+_OFFLINE_ONLY_SECTIONS = ("data", "train")  # sections only OfflineConfig has
+
+
+def validate_offline_config(cfg: "OfflineConfig", source: str = "<config>", where: Optional[dict[str, str]] = None) -> None:
+    """Ranges, then the offline job's cross-field checks; the shared sections (aspects,
+    run name, models) are checked by the online rules on an equivalent RunConfig."""
+    where = where or {}
+    check_ranges(cfg, source, where)
+    if cfg.data.train is None:
+        raise ConfigError(f"{where.get('data', source)}: data.train names no dataset "
+                          "(a JSONL/Parquet file, a saved datasets directory, a hub name, or 'synthetic')")
+    shared = RunConfig(seed=cfg.seed, algorithm=cfg.algorithm, run_name=cfg.run_name, policy=cfg.policy,
+                       reference=cfg.reference, aspects=cfg.aspects, learner=cfg.learner, logging=cfg.logging,
+                       ray=cfg.ray)
+    # The online-only sections keep their defaults, which pass; only the shared fields can fail.
+    validate_run_config(shared, source, where)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -12,7 +12,7 @@ draw of prompts of the same kind.
 from __future__ import annotations
 
 import random
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 
 def pair_outcome(candidate_scores: Sequence[float], baseline_scores: Sequence[float], tie_eps: float = 1e-9) -> float:
@@ -50,3 +50,44 @@ def win_rate(outcomes: Sequence[Optional[float]], prefix: str = "eval", seed: in
     out.update({f"{prefix}/win_rate": sum(judged) / len(judged), f"{prefix}/win_rate_ci_low": lo,
                 f"{prefix}/win_rate_ci_high": hi})
     return out
+
+
+# --------------------------------------------------------------------------- shared by the
+# online job's eval and ``twodrl eval``: what is sent to the judge and how its answers
+# become outcomes, so both report the same number for the same judgements.
+
+
+def both_order_items(pairs: Sequence[tuple[str, Optional[list], Sequence[str], Sequence[str]]]) -> list[dict]:
+    """Judge items for ``(prompt, history, candidate_segments, baseline_segments)``
+    pairs: two per pair, candidate first then baseline first (items ``2k`` and ``2k+1``),
+    in the annotators' ``{"prompt", "history", "responses": [segs, segs]}`` layout."""
+    items = []
+    for prompt, history, cand, base in pairs:
+        items.append({"prompt": prompt, "history": history, "responses": [list(cand), list(base)]})
+        items.append({"prompt": prompt, "history": history, "responses": [list(base), list(cand)]})
+    return items
+
+
+def both_order_outcomes(rated: Sequence[Optional[Sequence[dict]]], rate: Callable[[dict], float]) -> list[Optional[float]]:
+    """One outcome per pair from the judge's answers to :func:`both_order_items` (each
+    ``[{aspect: [rating per segment]}, {…}]`` in the order shown, or None where the judge
+    failed); ``rate`` turns one response's ratings into its weighted score. A pair with
+    either order missing has outcome None."""
+    outcomes: list[Optional[float]] = []
+    for k in range(len(rated) // 2):
+        first, second = rated[2 * k], rated[2 * k + 1]
+        if first is None or second is None:
+            outcomes.append(None)
+            continue
+        outcomes.append(pair_outcome([rate(first[0]), rate(second[1])], [rate(first[1]), rate(second[0])]))
+    return outcomes
+
+
+def weighted_rating(by_aspect: dict, weights: Sequence[float], aspects: Sequence[str]) -> float:
+    """A response's weighted score (0–4) from the judge's ``{aspect: [rating per
+    segment]}``: the representative score of each aspect mixed by ``weights``, as the
+    online job rates samples."""
+    from twodrl.rounds import ScoredSample, sample_rating
+
+    rows = [list(r) for r in zip(*(by_aspect[a] for a in aspects))]
+    return sample_rating(ScoredSample("", "", "", [], rows), weights, aspects)[0]

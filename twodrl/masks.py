@@ -13,7 +13,12 @@ with a neutral band of half-width ``δ``:
 * ``hysteresis=True`` (default) — a real Schmitt trigger: the state starts at 0, switches
   to 1 when ``r > b+δ``, to −1 when ``r < b−δ``, and *keeps its value* inside the band.
   Small wiggles around the baseline then do not chop a run of good (or bad) tokens into
-  pieces, which is the stated purpose (fewer, longer sub-sequences).
+  pieces, which is the stated purpose (fewer, longer sub-sequences). It is the default
+  for that reason: Eq. 18 read literally drops every in-band token, so a good run that
+  dips just under ``b+δ`` for one token loses that token and is split in two — the
+  chatter the paper brings the trigger in to remove.
+
+Runs pick one with ``learner.schmitt_hysteresis`` (APPO, ADPO and ARS all read it).
 
 The hysteresis recursion looks sequential in T, but its state at t is simply the Eq. 18
 value of the *last* token at or before t that left the band (0 if none). That is a
@@ -274,7 +279,7 @@ def ars_loss(
     ref_logps: Tensor,
     keep_mask: Tensor,
     response_mask: Tensor,
-    kl_coef: float = 0.05,
+    kl_coef: float = 1.0,
 ) -> Tensor:
     """Adaptive rejection sampling (seed 004 Eq. 16) on selected responses, per example.
 
@@ -283,7 +288,9 @@ def ars_loss(
     ``chosen=True``), averaged per token; the KL(π‖π_ref) penalty is over the whole
     response (``response_mask``) with the non-negative k3 estimator on sampled tokens,
     ``e^{q−p} − (q−p) − 1`` (q = ref log-prob, p = policy log-prob), averaged per token.
-    Eq. 16 writes the KL with coefficient 1 and Eq. 7 with β; ``kl_coef`` is that factor.
+    Eq. 16 writes the KL with coefficient 1 and Eq. 7 with β; ``kl_coef`` is that factor,
+    1 by default as Eq. 16 has it (the paper reports no tuned value;
+    ``learner.ars_kl_coef`` sets it in a run).
     """
     p, q = _f(logps), _f(ref_logps).detach()
     if p.shape != q.shape or p.shape != keep_mask.shape or p.shape != response_mask.shape:

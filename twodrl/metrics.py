@@ -51,6 +51,7 @@ def round_metric_keys(aspects: Sequence[str] = DEFAULT_ASPECTS) -> list[str]:
         "recovery/annotator_restarts",
     ]
     keys += [f"rm/agreement/{a}" for a in aspects]
+    keys += [f"rm/mae/{a}" for a in aspects]
     from twodrl.diagnostics import credit_metric_keys
 
     keys += credit_metric_keys()

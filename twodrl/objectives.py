@@ -30,7 +30,7 @@ from twodrl import losses
 
 Tensor = torch.Tensor
 
-PREFERENCE_ALGORITHMS = ("2d-dpo", "1d-dpo", "dpo", "ipo", "kto", "orpo", "simpo", "tdpo1", "tdpo2")
+PREFERENCE_ALGORITHMS = ("2d-dpo", "1d-dpo", "dpo", "ipo", "kto", "orpo", "simpo", "tdpo1", "tdpo2", "adpo")
 NEEDS_REFERENCE_LOGITS = frozenset({"tdpo1", "tdpo2"})
 # ORPO has its own NLL term; every other method adds learner.sft_coef × NLL(chosen).
 NO_SFT_TERM = frozenset({"orpo"})
@@ -308,10 +308,24 @@ def compute_preference_loss(
             raise ValueError(f"{algorithm} needs segment scores (collate_pairs)")
         w = one_d_weights(batch.aspects) if algorithm == "1d-dpo" else list(weights)
         ratios = (lp - ref_lp) * mask
-        per = losses.two_d_dpo_loss(
-            ratios[c], ratios[r], batch.segment_ids[c], batch.segment_ids[r],
-            batch.scores[c], batch.scores[r], w, beta=beta,
-        )
+        seg_args = (ratios[c], ratios[r], batch.segment_ids[c], batch.segment_ids[r], batch.scores[c], batch.scores[r], w)
+        form = getattr(cfg, "two_d_dpo_form", "grouped")
+        if form == "grouped":
+            per = losses.two_d_dpo_loss(*seg_args, beta=beta)
+        elif form == "ungrouped":
+            # Eq. 5 applies one β to both sides; the per-side equalisation belongs to
+            # the grouped form's segment selection, so it is off here.
+            per = losses.two_d_dpo_ungrouped_loss(*seg_args, beta=beta, equalize_beta=False)
+        else:
+            raise ValueError(f"learner.two_d_dpo_form: {form!r} is not one of ['grouped', 'ungrouped']")
+    elif algorithm == "adpo":
+        from twodrl.masks import adpo_loss
+
+        if batch.scores is None:
+            raise ValueError("adpo needs segment scores (collate_pairs)")
+        kept = adpo_masks(batch, weights, cfg)
+        ratios = (lp - ref_lp) * mask
+        per = adpo_loss(ratios[c], ratios[r], kept[c], kept[r], beta=beta)
     elif algorithm == "dpo":
         per = losses.dpo_loss(seq[c], seq[r], ref_seq[c], ref_seq[r], beta=beta, label_smoothing=cfg.label_smoothing)
     elif algorithm == "ipo":
@@ -350,7 +364,42 @@ def compute_preference_loss(
         sft_loss=float(sft.detach()),
         kl=float((seq - ref_seq).detach().mean()),
     )
+    if algorithm == "adpo":
+        resp = (batch.segment_ids >= 0).sum().clamp(min=1)
+        metrics["mask_fraction"] = float(kept.sum() / resp)
     return loss, metrics
+
+
+def token_reward_view(batch: SequenceBatch, weights: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
+    """``(token_rewards [N, T], rated [N, T] bool, sequence_rewards [N])``: each token of
+    a segment carries the segment's weighted 0–4 score; a response's reward is the mean
+    over its rated tokens, so a long answer does not outweigh a short one (the same
+    definitions APPO's advantages use)."""
+    from twodrl.masks import token_rewards_from_segments
+
+    tok = token_rewards_from_segments(segment_rewards(batch, weights), batch.segment_ids)
+    rated = batch.segment_ids >= 0
+    seq = tok.sum(1) / rated.sum(1).clamp(min=1).to(tok.dtype)
+    return tok, rated, seq
+
+
+def adpo_masks(batch: SequenceBatch, weights: Sequence[float], cfg) -> Tensor:
+    """ADPO's adaptive masks ``[2P, T]`` for a pair batch: the chosen response keeps the
+    tokens the Schmitt trigger marks good, the rejected one those it marks bad.
+
+    The baseline of a pair is the midpoint of its two sequence rewards: a pair record
+    carries no other sample of its prompt, and the midpoint puts the chosen response
+    above and the rejected one below it (with two samples per prompt it *is* the
+    group mean APPO uses). Trigger: ``learner.schmitt_delta`` / ``schmitt_hysteresis``.
+    """
+    from twodrl.masks import adaptive_mask
+
+    P = batch.num_pairs
+    tok, rated, seq = token_reward_view(batch, weights)
+    b = 0.5 * (seq[:P] + seq[P:])
+    chosen = torch.arange(2 * P, device=tok.device) < P
+    return adaptive_mask(tok, torch.cat([b, b]), cfg.schmitt_delta, chosen, hysteresis=cfg.schmitt_hysteresis,
+                         mask=rated)
 
 
 # --------------------------------------------------------------------------- SFT / RSF
@@ -363,6 +412,78 @@ def compute_sft_loss(token_logps: Tensor, response_mask: Tensor) -> tuple[Tensor
     per = losses.sft_loss(seq, n)
     loss = per.mean()
     return loss, {"loss": float(loss.detach()), "sft_loss": float(loss.detach()), "logps/chosen": float(seq.detach().mean())}
+
+
+# --------------------------------------------------------------------------- ARS
+
+
+def select_rows(batch: SequenceBatch, rows: Tensor) -> SequenceBatch:
+    """The rows ``rows`` of a (non-pair) batch, every per-row tensor indexed alike."""
+    idx = rows.long()
+    picked = {}
+    for f in fields(batch):
+        v = getattr(batch, f.name)
+        picked[f.name] = v.index_select(0, idx.to(v.device)) if torch.is_tensor(v) else v
+    picked["num_pairs"] = 0
+    return SequenceBatch(**picked)
+
+
+@dataclass
+class ARSTargets:
+    rows: Tensor  # [P] row of each prompt's selected sample in the rollout batch
+    keep_mask: Tensor  # [P, T] LongTensor {0, 1}: the selected sample's good tokens
+    baselines: Tensor  # [P] group baseline (mean sequence reward of the K samples)
+    best_rewards: Tensor  # [P] sequence reward of the selected sample
+
+
+def ars_targets(batch: SequenceBatch, weights: Sequence[float], group_size: int, cfg) -> ARSTargets:
+    """Adaptive rejection sampling's data for a rollout batch of K consecutive samples
+    per prompt: the best sample of each prompt (rejection sampling keeps one response
+    per prompt, as F(x) = R·𝟙(R ≥ threshold) with the best-of-K), and its adaptive mask
+    against the group baseline with ``chosen=True``.
+
+    No separate threshold: a best sample that is no better than its group has every
+    token inside the trigger's band (or below it), so its mask is empty and only the KL
+    term of Eq. 16 acts on it.
+    """
+    from twodrl.masks import adaptive_mask, ars_select
+
+    N = int(batch.input_ids.shape[0])
+    if group_size < 1 or N % group_size:
+        raise ValueError(f"ars_targets: {N} samples do not split into groups of {group_size}")
+    tok, rated, seq = token_reward_view(batch, weights)
+    groups = seq.view(-1, group_size)
+    base = groups.mean(1)
+    idx, _ = ars_select(groups)
+    rows = torch.arange(groups.shape[0], device=idx.device) * group_size + idx
+    keep = adaptive_mask(tok[rows], base, cfg.schmitt_delta, True, hysteresis=cfg.schmitt_hysteresis,
+                         mask=rated[rows])
+    return ARSTargets(rows, keep, base, groups.gather(1, idx[:, None])[:, 0])
+
+
+def compute_ars_loss(
+    logps: Tensor, ref_logps: Tensor, keep_mask: Tensor, response_mask: Tensor, cfg
+) -> tuple[Tensor, dict[str, float]]:
+    """ARS (seed 004 Eq. 16) on the selected samples: the NLL of their kept tokens plus
+    ``learner.ars_kl_coef`` × the per-token KL to the reference over the whole response
+    (:func:`twodrl.masks.ars_loss`); batch mean."""
+    from twodrl.masks import ars_loss
+
+    per = ars_loss(logps, ref_logps, keep_mask, response_mask, kl_coef=cfg.ars_kl_coef)
+    loss = per.mean()
+    with torch.no_grad():
+        lp = losses._f(logps)
+        m = keep_mask.to(lp.dtype)
+        resp = response_mask.to(lp.dtype)
+        nll = (-(lp * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+        metrics = {
+            "loss": float(loss.detach()),
+            "sft_loss": float(nll),
+            "kl": float(((lp - losses._f(ref_logps)) * resp).sum(-1).mean()),
+            "mask_fraction": float(m.sum() / resp.sum().clamp(min=1.0)),
+            "logps/chosen": float((lp * resp).sum(-1).mean()),
+        }
+    return loss, metrics
 
 
 # --------------------------------------------------------------------------- APPO
@@ -427,6 +548,7 @@ def compute_appo_loss(
 
 
 __all__ = [
+    "ARSTargets", "adpo_masks", "ars_targets", "compute_ars_loss", "select_rows", "token_reward_view",
     "NEEDS_REFERENCE_LOGITS", "NO_SFT_TERM", "PREFERENCE_ALGORITHMS", "SequenceBatch", "appo_advantages",
     "collate_pairs", "collate_rollouts", "collate_sequences", "collate_token_ids", "compute_appo_loss",
     "compute_preference_loss", "compute_sft_loss", "forward_token_logps", "one_d_weights", "rollout_items",

@@ -9,7 +9,8 @@ Placement follows Ray's rules, because that is what the job will actually get: e
 GPU actor asks for a *share* of a GPU (``learner.num_gpus_per_rank``,
 ``rollout.num_gpus``, ``scorer.num_gpus``; at most 1.0), and a tensor-parallel engine
 holds ``tensor_parallel_size`` whole GPUs on one node (vLLM's STRICT_PACK placement
-group), as :mod:`actors.common` requests them. Groups are bin-packed largest first, best fit (the node
+group, or an HF scorer process holding them all). Every actor's numbers come from
+:func:`actors.common.actor_request`, the function the actors are started with. Groups are bin-packed largest first, best fit (the node
 with the fewest free GPUs that still holds the group), so big tensor-parallel groups
 find whole nodes and small actors fill the gaps. Ray schedules by shares, not bytes, so
 memory is checked afterwards, per GPU, summing every tenant — exactly how an
@@ -171,10 +172,11 @@ def resolve_architecture(model_path: str) -> Architecture:
     local = Path(model_path).expanduser()
     if model_path.startswith("tiny:"):
         try:
-            from twodrl.models.tiny import tiny_model_path
+            from twodrl.models.tiny import parse_tiny_spec, tiny_model_path
         except ImportError as e:
             raise PlanError(f"{model_path}: tiny models are not available here ({e})") from None
-        local = Path(tiny_model_path(model_path.removeprefix("tiny:")))
+        kind, overrides = parse_tiny_spec(model_path)  # "tiny:reward,num_hidden_layers=4"
+        local = Path(tiny_model_path(kind, **overrides))
     if (local / "config.json").is_file():
         return architecture_from_config_json(local / "config.json", name=model_path)
     lowered = model_path.lower()
@@ -396,6 +398,23 @@ def _share(value: float, field_name: str, problems: list[str]) -> float:
     return value
 
 
+def ray_request(cfg: Any, role: str, index: int = 0) -> tuple[int, float, float]:
+    """(GPU bundles, GPU share per bundle, CPUs) of actor ``role-index``, from the same
+    function the actors are started with (:func:`actors.common.actor_request`), so the
+    plan places exactly what Ray will be asked for."""
+    from actors.common import actor_request
+
+    req = actor_request(cfg, role, index)
+    gpus = req.gpus
+    if gpus <= 0:
+        return 0, 0.0, req.cpus
+    if len(req.bundles) > 1:  # a placement group of whole-GPU bundles (vLLM TP)
+        return len(req.bundles), float(req.bundles[0].get("GPU", 1.0)), req.cpus
+    if gpus > 1:  # one process holding several whole GPUs (HF scorer sharded over them)
+        return math.ceil(gpus), 1.0, req.cpus
+    return 1, gpus, req.cpus
+
+
 def build_actors(cfg: Any, cluster: Cluster, opts: PlanOptions, problems: list[str], notes: list[str], models: list[str]) -> list[Actor]:
     actors: list[Actor] = []
     lc, rc, sc, ac = cfg.learner, cfg.rollout, cfg.scorer, cfg.annotator
@@ -433,22 +452,25 @@ def build_actors(cfg: Any, cluster: Cluster, opts: PlanOptions, problems: list[s
     if lc.colocate_reference and ref_arch is not None:
         detail += ", reference colocated"
     for r in range(lc.num_ranks):
-        actors.append(
-            Actor(f"learner-{r}", "learner", 1 if share > 0 else 0, share, lc.num_cpus_per_rank, dict(lmem), detail)
-        )
+        bundles, rshare, cpus = ray_request(cfg, "learner", r)
+        actors.append(Actor(f"learner-{r}", "learner", bundles, rshare, cpus, dict(lmem), detail))
     global_batch = lc.num_ranks * lc.micro_batch_size * lc.grad_accum_steps
     notes.append(
         f"learner global batch = {lc.num_ranks} ranks × {lc.micro_batch_size} micro-batch × "
         f"{lc.grad_accum_steps} accumulation = {global_batch} examples per step"
     )
-    if ref_arch is not None and not lc.colocate_reference:
+    from actors.common import role_resources
+
+    if role_resources(cfg, "reference").count:
         # One forward-only actor holding the whole frozen model (actors/common.py asks Ray
-        # for one reference actor with a learner rank's GPU share).
-        rmem = {"weights": _gib((2 if lc.bf16 else 4) * ref_arch.num_params()), "runtime": opts.overhead_gb}
-        actors.append(
-            Actor("reference-0", "reference", 1 if share > 0 else 0, share, lc.num_cpus_per_rank,
-                  rmem if share > 0 else {}, "frozen, forward only")
-        )
+        # for one reference actor with a learner rank's GPU share), started exactly when
+        # that shared count says so.
+        held = ref_arch or policy_arch
+        rmem = {"weights": _gib((2 if lc.bf16 else 4) * held.num_params()), "runtime": opts.overhead_gb}
+        rdetail = "frozen, forward only" if ref_arch is not None else (
+            f"frozen copy of the policy, unused by {cfg.algorithm} (learner.colocate_reference: true drops it)")
+        bundles, rshare, cpus = ray_request(cfg, "reference", 0)
+        actors.append(Actor("reference-0", "reference", bundles, rshare, cpus, rmem if bundles else {}, rdetail))
 
     # Rollout engines.
     share = _share(rc.num_gpus, "rollout.num_gpus", problems)
@@ -466,35 +488,34 @@ def build_actors(cfg: Any, cluster: Cluster, opts: PlanOptions, problems: list[s
                 f"{rmem['weights']:.1f} GiB per GPU in a {rc.gpu_memory_utilization} × {gpu_gb:g} GiB budget); "
                 f"raise rollout.gpu_memory_utilization or rollout.tensor_parallel_size"
             )
-        bundles = rc.tensor_parallel_size
-        if bundles > 1:
-            share = 1.0  # a tensor-parallel engine holds whole GPUs (one shard per GPU)
     elif share > 0:  # HF generate on GPU: no pre-allocation; its KV cache grows with the batch
         rmem = {"weights": _gib(dtype_bytes(cfg.policy.dtype) * psi), "runtime": opts.overhead_gb}
-        kv_detail, bundles = "HF generate (KV cache of a batch not estimated)", 1
+        kv_detail = "HF generate on one GPU (KV cache of a batch not estimated)"
     else:
-        rmem, kv_detail, bundles = {}, f"{rc.backend} on CPU", 0
+        rmem, kv_detail = {}, f"{rc.backend} on CPU"
     for w in range(rc.num_workers):
-        actors.append(Actor(f"rollout-{w}", "rollout", bundles, share, rc.num_cpus, dict(rmem), kv_detail))
+        bundles, wshare, cpus = ray_request(cfg, "rollout", w)
+        actors.append(Actor(f"rollout-{w}", "rollout", bundles, wshare, cpus, dict(rmem) if bundles else {}, kv_detail))
 
     # Reward scorer.
     share = _share(sc.num_gpus, "scorer.num_gpus", problems)
+    backend = sc.resolved_backend()
     if share > 0:
         _check_tp("scorer", "scorer.tensor_parallel_size", scorer_arch, sc.tensor_parallel_size, cluster, problems)
         smem = scorer_memory(cfg, scorer_arch, opts)
-        sdetail = f"{sc.backend} TP={sc.tensor_parallel_size}, batch {sc.batch_size} × {sc.model.max_length} tok"
-        bundles = sc.tensor_parallel_size
-        if bundles > 1:
-            share = 1.0
+        # hf with TP > 1: one process holding the TP GPUs, the model spread over them.
+        sdetail = f"{backend} TP={sc.tensor_parallel_size}, batch {sc.batch_size} × {sc.model.max_length} tok"
     else:
-        smem, sdetail, bundles = {}, f"{sc.backend} on CPU", 0
+        smem, sdetail = {}, f"{backend} on CPU"
     for w in range(sc.num_workers):
-        actors.append(Actor(f"scorer-{w}", "scorer", bundles, share, sc.num_cpus, dict(smem), sdetail))
+        bundles, wshare, cpus = ray_request(cfg, "scorer", w)
+        actors.append(Actor(f"scorer-{w}", "scorer", bundles, wshare, cpus, dict(smem) if bundles else {}, sdetail))
 
     # Annotation pool and driver: CPU only.
     judge = ac.base_url or "local judge server"
     for w in range(ac.num_actors):
-        actors.append(Actor(f"annotator-{w}", "annotator", 0, 0.0, ac.num_cpus, {}, f"judge {ac.model} @ {judge}, {ac.concurrency} concurrent"))
+        _, _, cpus = ray_request(cfg, "annotator", w)
+        actors.append(Actor(f"annotator-{w}", "annotator", 0, 0.0, cpus, {}, f"judge {ac.model} @ {judge}, {ac.concurrency} concurrent"))
     # The driver is the job's own process (the Ray job entrypoint on the head), not an actor.
     actors.append(Actor("driver", "driver", 0, 0.0, 0.0, {}, "job process: round loop, metrics, checkpoints"))
     return actors

@@ -166,3 +166,24 @@ def test_own_prompts_drive_every_stage(tmp_path, generic_judge):
         assert isinstance(wr, float) and not math.isnan(wr) and 0.0 <= wr <= 1.0
         assert m["eval/win_rate_ci_low"] <= wr <= m["eval/win_rate_ci_high"]
     assert sum(m["rollout/prompts"] for m in metrics) == sum(m["rollout/prompts_planned"] for m in metrics)
+
+
+def test_shipped_english_prompts_run(tmp_path, generic_judge):
+    """The 200 English prompts shipped with the project (some multi-turn) drive a short
+    run end to end: train and eval prompts, samples and the judge's eval ratings."""
+    import twodrl
+
+    shipped = Path(twodrl.__file__).parent / "data" / "prompts_en.jsonl"
+    texts = set()
+    for line in shipped.read_text().splitlines():
+        row = json.loads(line)
+        texts.add(row.get("prompt") or row["messages"][-1]["content"])
+    run_dir = tmp_path / "shipped"
+    run_job(run_dir, shipped, generic_judge, "--set", "rounds=1")
+    for path in (run_dir / "rounds").glob("round-*.prompts.json"):
+        assert all(p["prompt"] in texts for p in json.loads(path.read_text())["prompts"])
+    for path in (run_dir / "samples").glob("round-*.jsonl"):
+        assert all(json.loads(line)["prompt"] in texts for line in path.read_text().splitlines())
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert [m["round"] for m in metrics] == [0, 1]
+    assert isinstance(metrics[1]["eval/win_rate"], float)

@@ -220,11 +220,12 @@ def reward_forward(
     inputs = enc.model_inputs(getattr(hf.config, "_attn_implementation", None), dtype=dtype)
     hidden = backbone(**inputs, use_cache=False).last_hidden_state
     rows, cols, valid = (segment_end_positions if mode == "segment" else sequence_end_positions)(enc)
-    picked = hidden[rows, cols]  # [N, S, H]
+    # A model sharded over GPUs (device_map) ends on another device than it starts on.
+    picked = hidden[rows.to(hidden.device), cols.to(hidden.device)]  # [N, S, H]
     dropout = getattr(hf, "dropout", None)
     if dropout is not None:
         picked = dropout(picked)
-    scores = head(picked).float()
+    scores = head(picked.to(head.weight.device)).float()
     return scores, valid, (hidden if need_hidden else None)
 
 
@@ -246,6 +247,7 @@ def reward_loss(model, batch: RMBatch, lm_loss_coef: float = 0.0, mode: str | No
     """
     scores, valid, hidden = reward_forward(model, batch.enc, mode, need_hidden=lm_loss_coef > 0)
     labels = batch.labels.to(scores.device)
+    valid = valid.to(scores.device)
     S = min(scores.shape[1], labels.shape[1])
     scores, labels, valid = scores[:, :S], labels[:, :S], valid[:, :S]
     # A label counts if the segment exists in the (possibly truncated) input and is rated.
