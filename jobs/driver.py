@@ -547,11 +547,15 @@ class OnlineDriver:
         for r in results:
             if r.get("scores") is not None:
                 judged[int(r["id"])] = (r["segments"], r["scores"])
-        # An annotator that Ray restarted mid-call starts its counters again at 0.
-        delta = {
-            k: max(0, sum(a.get(k, 0) for a in after) - sum(b.get(k, 0) for b in before))
-            for k in ("requests", "failures", "cost_usd")
-        }
+        # Requests and cost come from the run-wide ledger in the judge cache when there
+        # is one: an annotator that Ray restarted mid-call starts its own counters at 0,
+        # the ledger does not. Failures are per actor (a restart loses a few at most).
+        def total(stats: list[dict], key: str) -> float:
+            run_wide = [st[f"run_{key}"] for st in stats if f"run_{key}" in st]
+            return max(run_wide) if run_wide else sum(st.get(key, 0) for st in stats)
+
+        delta = {k: max(0, total(after, k) - total(before, k)) for k in ("requests", "cost_usd")}
+        delta["failures"] = max(0, sum(a.get("failures", 0) for a in after) - sum(b.get("failures", 0) for b in before))
         return judged, {
             "annotate/requests": delta["requests"],
             "annotate/failures": delta["failures"],
