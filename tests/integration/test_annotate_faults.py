@@ -1,4 +1,4 @@
-"""Acceptance of the annotation pool (issue 5) against the real local judge over HTTP:
+"""Acceptance of the annotation pool against the real local judge over HTTP:
 
 * 200 pairs under 20% 5xx, 10% 429, 5% replies slower than the timeout and 10%
   malformed replies (repair rounds included): no crash, at least 95% annotated with
