@@ -39,6 +39,23 @@ def run_parser(prog: str, description: str, config_help: str, resume_help: str) 
     return parser
 
 
+def claim_run_dir(cfg, args: argparse.Namespace, argv: list[str] | None, default_name: str):
+    """The run directory a job writes to (``--run-dir``, else ``runs/<run_name>``, else
+    ``runs/<default_name>-<time>``), checked and locked by :func:`twodrl.rundir.open_run_dir`.
+    Returns ``(run_dir, config dict as saved, lock, log lines)``; an unnamed run takes
+    the directory's name, as the job saves it. Raises ``RunDirError``."""
+    from twodrl.config import to_dict
+    from twodrl.rundir import open_run_dir
+
+    run_dir = Path(args.run_dir or Path("runs") / (cfg.run_name or f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if cfg.run_name is None:
+        cfg.run_name = run_dir.name
+    new_config = to_dict(cfg)
+    lock, log = open_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite, new_config=new_config,
+                             argv=list(sys.argv[1:] if argv is None else argv))
+    return run_dir, new_config, lock, log
+
+
 def preflight(cfg: RunConfig, source: str):
     """Checks that need no actor; returns the run's task. A prompt dataset that does not
     load is reported now, naming its file, line and field, and so is a task that needs
@@ -76,17 +93,11 @@ def main(argv: list[str] | None = None, prog: str = "twodrl run") -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir = Path(args.run_dir or Path("runs") / (cfg.run_name or f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    from twodrl.config import to_dict
-    from twodrl.rundir import RunDirError, open_run_dir
+    from twodrl.rundir import RunDirError
 
-    new_config = to_dict(cfg)
-    if new_config.get("run_name") is None:
-        new_config["run_name"] = run_dir.name  # what the driver fills in and saves
     try:
         # Held until the job ends: one job per run directory.
-        lock, log = open_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite, new_config=new_config,
-                                 argv=list(sys.argv[1:] if argv is None else argv))
+        run_dir, new_config, lock, log = claim_run_dir(cfg, args, argv, default_name=cfg.algorithm)
     except RunDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

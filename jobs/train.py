@@ -76,17 +76,11 @@ def main(argv: list[str] | None = None, prog: str = "twodrl train") -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run_dir = Path(args.run_dir or Path("runs") / (cfg.run_name or f"offline-{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"))
-    from twodrl.config import to_dict
-    from twodrl.rundir import RunDirError, open_run_dir
+    from jobs.online import claim_run_dir
+    from twodrl.rundir import RunDirError
 
-    new_config = to_dict(cfg)
-    if new_config.get("run_name") is None:
-        new_config["run_name"] = run_dir.name
-        cfg.run_name = run_dir.name
     try:
-        lock, log = open_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite, new_config=new_config,
-                                 argv=list(sys.argv[1:] if argv is None else argv))
+        run_dir, new_config, lock, log = claim_run_dir(cfg, args, argv, default_name=f"offline-{cfg.algorithm}")
     except RunDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
