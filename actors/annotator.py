@@ -42,8 +42,9 @@ class AnnotatorActor:
         base_url: Optional[str] = None,
         cache_path: Optional[str] = None,
     ):
-        from actors.common import count_incarnation
+        from actors.common import count_incarnation, redirect_actor_output
 
+        redirect_actor_output()  # RUN_DIR/logs/annotator-N.log
         self._incarnation = count_incarnation()
         if isinstance(cfg, dict):
             cfg = AnnotatorConfig(**cfg)

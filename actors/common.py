@@ -15,6 +15,7 @@ scorer         scorer.num_cpus / scorer.num_gpus            scorer.num_workers
 learner        learner.num_cpus_per_rank / num_gpus_per_rank learner.num_ranks
 reference      same as one learner rank                     1 if not learner.colocate_reference
 annotator      annotator.num_cpus / 0                       annotator.num_actors
+rm_learner     scorer.train_num_cpus/gpus_per_rank          scorer.train_ranks (if > 1)
 =============  ===========================================  ==============================
 
 A vLLM tensor-parallel engine (``tensor_parallel_size`` > 1 on GPU) reserves one bundle
@@ -22,7 +23,8 @@ per GPU in a ``STRICT_PACK`` placement group, so all shards of one engine land o
 node (NCCL between them stays on NVLink). An HF scorer with ``tensor_parallel_size`` N
 > 1 shards its model over N GPUs inside its own process, so the actor itself asks for
 N GPUs. Learner ranks share one ``PACK`` group: ranks prefer one node but may spill
-over when a node is too small. :func:`actor_request` is the one place these rules
+over when a node is too small; so do the reward-model trainer's ranks (``rm_learner``,
+:mod:`actors.reward_learner`) in a group of their own. :func:`actor_request` is the one place these rules
 live; the planner (``twodrl plan``) reads it too.
 
 On CPU every ``num_gpus`` is 0; Ray CPUs are logical slots, so fractional values let a
@@ -40,7 +42,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from twodrl.config import ConfigError, RunConfig
 
-ROLES = ("rollout", "scorer", "learner", "reference", "annotator")
+ROLES = ("rollout", "scorer", "learner", "reference", "annotator", "rm_learner")
 # The annotation actor only waits on HTTP; it needs a sliver of a CPU slot.
 ANNOTATOR_NUM_CPUS = 0.05
 
@@ -104,12 +106,23 @@ def role_resources(cfg: RunConfig, role: str) -> RoleResources:
     if role in ("learner", "reference"):
         lc = cfg.learner
         # DPA's rejection-sampling fine-tuning never reads a reference model: none is
-        # started for it, colocated or not.
-        count = lc.num_ranks if role == "learner" else (0 if lc.colocate_reference or cfg.algorithm == "dpa-rsf" else 1)
+        # started for it, colocated or not. With LoRA the reference is the policy's own
+        # base weights (adapter off) on every rank.
+        no_actor = lc.colocate_reference or cfg.algorithm == "dpa-rsf" or lc.lora.enabled
+        count = lc.num_ranks if role == "learner" else (0 if no_actor else 1)
         return RoleResources(
             role, count, lc.num_cpus_per_rank, lc.num_gpus_per_rank, 1, 0,
             {"cpus": "learner.num_cpus_per_rank", "gpus": "learner.num_gpus_per_rank",
              "count": "learner.num_ranks" if role == "learner" else "learner.colocate_reference"},
+        )
+    if role == "rm_learner":
+        s = cfg.scorer
+        # One process trains a single-rank RM (the scorer actor or train-rm itself);
+        # the DeepSpeed group exists only for more ranks.
+        return RoleResources(
+            role, s.train_ranks if s.train_ranks > 1 else 0, s.train_num_cpus_per_rank, s.train_num_gpus_per_rank, 1, 0,
+            {"cpus": "scorer.train_num_cpus_per_rank", "gpus": "scorer.train_num_gpus_per_rank",
+             "count": "scorer.train_ranks"},
         )
     if role == "annotator":
         return RoleResources(
@@ -167,7 +180,7 @@ def _request(res: RoleResources, index: int) -> ActorRequest:
             # (device_map="auto"): Ray must give that process all of them.
             return ActorRequest(role, index, cpus, float(tp))
         # HF generate runs on one device: tensor_parallel_size does not apply.
-    if role == "learner" and gpus > 0:
+    if role in ("learner", "rm_learner") and gpus > 0:
         # Ranks share one PACK group (reserved together, see learner_group); each
         # runs in its own bundle.
         return ActorRequest(role, index, cpus, gpus, ({"GPU": float(gpus), "CPU": float(cpus)},), "PACK", index)
@@ -263,11 +276,12 @@ def tensor_parallel_group(res: RoleResources, name: str | None = None) -> Option
     return placement_group([dict(b) for b in req.bundles], strategy=req.strategy, name=name or "")
 
 
-def learner_group(cfg: RunConfig, name: str | None = None) -> Optional[PlacementGroup]:
-    """A PACK group with one bundle per learner rank when the ranks use GPUs, so they
-    are reserved together (a half-placed learner would deadlock in init_process_group).
-    None on CPU: fractional CPU slots need no reservation."""
-    reqs = [actor_request(cfg, "learner", i) for i in range(cfg.learner.num_ranks)]
+def learner_group(cfg: RunConfig, name: str | None = None, role: str = "learner") -> Optional[PlacementGroup]:
+    """A PACK group with one bundle per rank of ``role`` (``learner``, or the reward
+    model's ``rm_learner``) when the ranks use GPUs, so they are reserved together (a
+    half-placed group would deadlock in init_process_group). None on CPU: fractional
+    CPU slots need no reservation."""
+    reqs = [actor_request(cfg, role, i) for i in range(role_resources(cfg, role).count)]
     if not reqs or not reqs[0].bundles:
         return None
     return placement_group([dict(r.bundles[0]) for r in reqs], strategy=reqs[0].strategy, name=name or "")
@@ -366,6 +380,83 @@ def count_incarnation() -> int:
     return n
 
 
+# ----------------------------------------------------------------------- actor logs
+
+# The directory every actor writes its own log file to (RUN_DIR/logs), set by
+# jobs.driver.connect_ray in the job's runtime env so it reaches actors on every node
+# (with or without `ray job submit`). Unset (--verbose, or a Ray the caller started
+# itself): actors keep Ray's own log handling and their output goes to the driver.
+LOG_DIR_ENV = "TWODRL_ACTOR_LOG_DIR"
+LOG_TAIL_LINES = 40
+
+
+def actor_log_path(log_dir: Any, name: str) -> Any:
+    """``<log_dir>/<actor name>.log`` (``rollout-0.log``, ``learner-1.log`` …)."""
+    from pathlib import Path
+
+    return Path(log_dir) / f"{name}.log"
+
+
+def redirect_actor_output(name: Optional[str] = None) -> Optional[str]:
+    """Called first thing in every actor's constructor: point the process's stdout and
+    stderr (file descriptors 1 and 2, so vLLM's and DeepSpeed's loggers, C++ warnings,
+    tqdm bars and Python warnings all follow) at ``RUN_DIR/logs/<actor name>.log``.
+
+    Appends, so a restarted actor (a new process running this constructor again) keeps
+    what its previous incarnation wrote, and a resumed run keeps the first attempt's.
+    Returns the log file's path, or None when no log directory is set."""
+    import os
+    import sys
+    import time
+
+    log_dir = os.environ.get(LOG_DIR_ENV)
+    if not log_dir:
+        return None
+    if name is None:
+        try:
+            name = ray.get_runtime_context().get_actor_name()
+        except Exception:  # noqa: BLE001 - not inside a named actor
+            name = None
+        name = name or f"worker-{os.getpid()}"
+    path = actor_log_path(log_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream has nothing to flush
+            pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, f"==== {name}: pid {os.getpid()} started {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n".encode())
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)
+    return str(path)
+
+
+def log_tail(path: Any, lines: int = LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log file ('' if it is missing), as a terminal shows
+    them: of a line that a progress bar rewrote with carriage returns only its last
+    state, so the bar's updates do not fill the tail."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        return ""
+    with open(p, "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(0, size - 256 * 1024))
+        text = f.read().decode("utf-8", errors="replace")
+    rows = []
+    for line in text.split("\n"):
+        shown = [part for part in line.split("\r") if part.strip()]
+        if shown:
+            rows.append(shown[-1])
+    return "\n".join(rows[-lines:])
+
+
 def kill_actor(name: str, namespace: str, no_restart: bool = True) -> bool:
     """Kill a named actor if it exists; True if one was found."""
     try:
@@ -395,7 +486,7 @@ def ceil_div(a: int, b: int) -> int:
 
 __all__ = [
     "ANNOTATOR_NUM_CPUS", "ActorRequest", "PlacementError", "ROLES", "RoleResources", "actor_name", "actor_options",
-    "actor_request", "actor_requests",
+    "actor_request", "actor_requests", "actor_log_path", "LOG_DIR_ENV", "log_tail", "redirect_actor_output",
     "ceil_div", "free_port", "get_or_create_actor", "gpus_per_actor", "kill_actor", "learner_group",
     "node_ip", "role_resources", "run_namespace", "tensor_parallel_group", "validate_placement",
     "wait_placement_group",

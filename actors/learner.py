@@ -11,6 +11,11 @@ Layout
   DeepSpeed engine), else one ``reference-0`` actor serves log-probs for all ranks.
   Reference log-probs are computed once per round, not once per epoch: they do not
   change while the policy trains.
+- With ``learner.lora`` (ZeRO 0-2) the policy is a peft adapter on frozen base weights:
+  only the adapter is in the optimizer, the reference is the same module with the
+  adapter off (no reference copy or actor), weight syncs and saved models carry the
+  merged weights under the base names, and checkpoints hold the adapter
+  (:mod:`twodrl.models.lora`).
 
 A round's data is cut on the driver into the same number of micro-batches for every
 rank (:func:`plan_micro_batches`): DeepSpeed all-reduces gradients on every backward,
@@ -43,6 +48,7 @@ from actors.common import (
     get_or_create_actor,
     learner_group,
     node_ip,
+    redirect_actor_output,
     role_resources,
     run_namespace,
     validate_placement,
@@ -53,6 +59,7 @@ from twodrl.config import ConfigError, LearnerConfig, ModelConfig, RunConfig
 from twodrl.objectives import PREFERENCE_ALGORITHMS
 
 HF_SUBDIR = "policy"  # <checkpoint>/policy: Hugging Face format, safetensors
+LORA_SUBDIR = "adapter"  # learner.lora: <checkpoint>/adapter (peft format) instead of policy/
 DS_SUBDIR = "deepspeed"  # <checkpoint>/deepspeed: DeepSpeed engine, optimizer, scheduler
 
 
@@ -250,25 +257,15 @@ def _shuffled_epochs(n: int, epochs: int, seed: int):
         yield from order
 
 
-class LearnerRank(WeightSenderMixin):
-    """One DeepSpeed rank. Created by :class:`PolicyLearnerGroup`; every method that
-    touches the engine is collective and must be called on all ranks together."""
+class DeepSpeedRank:
+    """What every DeepSpeed rank actor shares, whatever it trains: the policy learner
+    (:class:`LearnerRank`) and the reward-model trainer
+    (:class:`actors.reward_learner.RewardLearnerRank`). The process group, the engine
+    (ZeRO stage, precision and clipping from :func:`build_ds_config`), the optimizer
+    step, loading a checkpoint and publishing one atomically, teardown.
 
-    def __init__(self, cfg: RunConfig, rank: int, world_size: int):
-        os.environ.setdefault("DS_ACCELERATOR", "cpu" if cfg.learner.num_gpus_per_rank == 0 else "cuda")
-        _setup_threads()
-        self.cfg = cfg
-        self.lc = cfg.learner
-        self.rank = rank
-        self.world_size = world_size
-        self.on_gpu = cfg.learner.num_gpus_per_rank > 0 and torch.cuda.is_available()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
-        self.engine = None
-        self.ref_model = None
-        self.tokenizer = None
-        self.weights = list(cfg.aspects.weights)
-        self.aspects = list(cfg.aspects.names)
-        self._round = 0
+    A subclass sets ``lc`` (the :class:`LearnerConfig` the engine is built from),
+    ``rank``, ``world_size``, ``on_gpu``, ``device``, ``engine`` and ``_round``."""
 
     def ready(self) -> int:
         return os.getpid()
@@ -277,10 +274,10 @@ class LearnerRank(WeightSenderMixin):
         """Rank 0: its node IP and a free port for the process group."""
         return node_ip(), free_port()
 
-    def setup(self, master_addr: str, master_port: int, total_steps: int) -> dict[str, Any]:
+    def _init_process_group(self, master_addr: str, master_port: int) -> str:
+        """Join the group's torch.distributed process group (NCCL on GPU, gloo on CPU);
+        returns the backend."""
         import deepspeed
-
-        from twodrl.models.loading import load_causal_lm, load_tokenizer
 
         os.environ.update(
             MASTER_ADDR=master_addr,
@@ -299,9 +296,103 @@ class LearnerRank(WeightSenderMixin):
             dist_backend=backend, auto_mpi_discovery=False, rank=self.rank, world_size=self.world_size, verbose=False,
             timeout=timedelta(seconds=float(self.lc.init_timeout_s)),
         )
+        return backend
+
+    def _init_engine(self, model: torch.nn.Module, total_steps: int,
+                     schedule: Optional[Callable[[int], float]] = None, betas: tuple[float, float] = (0.9, 0.95)):
+        """The DeepSpeed engine around ``model``: AdamW on its trainable parameters at
+        ``lc.lr``, stepped through ``schedule`` (default: ``lc.lr_schedule`` over
+        ``total_steps``), under :func:`build_ds_config`."""
+        import deepspeed
+
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=self.lc.lr, weight_decay=self.lc.weight_decay,
+            betas=betas,
+        )
+        if schedule is None:
+            schedule = lr_lambda(self.lc.lr_schedule, int(self.lc.warmup_ratio * total_steps), total_steps)
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=build_ds_config(self.lc, self.world_size, self.on_gpu),
+        )
+        return engine
+
+    def _step(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+        self.engine.step()
+
+    def _last(self) -> dict[str, float]:
+        lr = self.engine.get_lr()[0] if self.engine.get_lr() else self.lc.lr
+        norm = self.engine.get_global_grad_norm()
+        out = {"lr": float(lr), "optimizer_steps": float(self.engine.global_steps)}
+        if norm is not None:
+            out["grad_norm"] = float(norm)
+        return out
+
+    def rng_state(self) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        torch.set_rng_state(state)
+
+    def set_round(self, r: int) -> None:
+        self._round = int(r)
+
+    def load_checkpoint(self, directory: str) -> dict:
+        d = Path(directory) / DS_SUBDIR
+        with _weights_only_loads():
+            path, client = self.engine.load_checkpoint(
+                str(d), tag="latest_round", load_optimizer_states=True, load_lr_scheduler_states=True
+            )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {d}")
+        self._round = int((client or {}).get("round", 0))
+        return {"path": path, **(client or {})}
+
+    def finalize(self, tmp: str, final: str) -> None:
+        """Rank 0: move a finished checkpoint into place (atomic rename)."""
+        from twodrl.checkpoint import replace_directory
+
+        replace_directory(tmp, final, manifest=True)
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class LearnerRank(DeepSpeedRank, WeightSenderMixin):
+    """One DeepSpeed rank. Created by :class:`PolicyLearnerGroup`; every method that
+    touches the engine is collective and must be called on all ranks together."""
+
+    def __init__(self, cfg: RunConfig, rank: int, world_size: int):
+        redirect_actor_output()  # DeepSpeed's logs go to RUN_DIR/logs/learner-N.log
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if cfg.learner.num_gpus_per_rank == 0 else "cuda")
+        _setup_threads()
+        self.cfg = cfg
+        self.lc = cfg.learner
+        self.rank = rank
+        self.world_size = world_size
+        self.on_gpu = cfg.learner.num_gpus_per_rank > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        self.engine = None
+        self.ref_model = None
+        self.tokenizer = None
+        self.weights = list(cfg.aspects.weights)
+        self.aspects = list(cfg.aspects.names)
+        self._round = 0
+        self._lora = cfg.learner.lora.enabled
+        self._lora_folds: list[dict[str, torch.Tensor]] = []  # see twodrl.models.lora (folds)
+
+    def setup(self, master_addr: str, master_port: int, total_steps: int) -> dict[str, Any]:
+        from twodrl.models.loading import load_causal_lm, load_tokenizer
+
+        backend = self._init_process_group(master_addr, master_port)
         policy_cfg = self._model_cfg(self.cfg.policy)
         self.tokenizer = load_tokenizer(policy_cfg)
-        ds_config = build_ds_config(self.lc, self.world_size, self.on_gpu)
         # The full model is loaded, then deepspeed.initialize partitions it (ZeRO-3).
         # transformers' zero.Init loading path would avoid the full copy per rank but
         # needs `accelerate`, which the install does not bring; for models too large for
@@ -310,20 +401,19 @@ class LearnerRank(WeightSenderMixin):
         if self.lc.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
+        if self._lora:
+            from twodrl.models import lora
+
+            # The base weights are frozen by peft; only the adapter reaches the optimizer.
+            model = lora.wrap(model, self.lc.lora, self.lc.gradient_checkpointing)
         model.train()
-        optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=self.lc.lr, weight_decay=self.lc.weight_decay,
-            betas=(0.9, 0.95),
-        )
-        warmup = int(self.lc.warmup_ratio * total_steps)
-        schedule = lr_lambda(self.lc.lr_schedule, warmup, total_steps)
-        self.engine, *_ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-            config=ds_config,
-        )
-        if self.lc.colocate_reference:
+        self.engine = self._init_engine(model, total_steps)
+        if self._lora:
+            from twodrl.models import lora
+
+            # The base weights are the reference: the same module with the adapter off.
+            self.ref_model = lora.AdapterOffReference(self.engine.module)
+        elif self.lc.colocate_reference:
             self.ref_model = self._load_reference(partitioned=self.lc.zero_stage == 3)
         return {"rank": self.rank, "pid": os.getpid(), "backend": backend, "device": str(self.device)}
 
@@ -355,12 +445,50 @@ class LearnerRank(WeightSenderMixin):
         """Make the reference a frozen copy of the current policy. The driver calls it
         after the SFT warm start, so KL and implicit rewards are measured against the
         policy the online rounds start from, not the random init. Collective under
-        ZeRO-3 (every rank gathers the full parameters)."""
+        ZeRO-3 (every rank gathers the full parameters). With LoRA the adapter is
+        folded into the base weights instead (:meth:`_fold_adapter`)."""
+        if self._lora:
+            self._fold_adapter()
+            return True
         state = self._full_state_dict()
         if self.ref_model is None:
             return False
         self.ref_model = self._load_reference(partitioned=self.lc.zero_stage == 3, state=state)
         return True
+
+    def _fold_adapter(self) -> None:
+        """LoRA: move the adapter's update into the base weights and zero ``B`` (and the
+        adapter's Adam moments): the policy is unchanged and the adapter-off reference is
+        now the current policy. Recorded, so a loaded checkpoint can rebuild the base."""
+        from twodrl.models import lora
+
+        module = self.engine.module
+        if lora.adapter_is_zero(module):
+            return  # nothing to fold (e.g. a resume re-running the reset)
+        fold = lora.adapter_state(module)
+        lora.apply_fold(module, fold)
+        self._lora_folds.append(fold)
+        with torch.no_grad():
+            for p in lora.lora_b_parameters(module):
+                p.zero_()
+                _set_master_param(p, torch.zeros_like(p))
+            for p in lora.adapter_parameters(module):
+                _zero_adam_moments(self.engine.optimizer, p)
+
+    def _sync_lora_folds(self, directory: str) -> None:
+        """Bring the base weights to the folds a checkpoint was saved with: apply the
+        ones this model lacks. The base cannot be unfolded, so a model with folds the
+        checkpoint does not list is an error (start a new learner group)."""
+        from twodrl.models import lora
+
+        saved = lora.load_folds(directory)
+        have = self._lora_folds
+        if len(have) > len(saved) or not all(lora.same_fold(a, b) for a, b in zip(have, saved)):
+            raise RuntimeError(f"{directory}: the LoRA folds of this learner ({len(have)}) are not a prefix of the "
+                               f"checkpoint's ({len(saved)}); load it into a freshly started learner group")
+        for fold in saved[len(have):]:
+            lora.apply_fold(self.engine.module, fold)
+            self._lora_folds.append(fold)
 
     # ------------------------------------------------------------------ forward passes
 
@@ -426,18 +554,6 @@ class LearnerRank(WeightSenderMixin):
         raise ValueError(f"unknown batch kind {kind!r}")
 
     # ------------------------------------------------------------------ training
-
-    def _step(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
-        self.engine.step()
-
-    def _last(self) -> dict[str, float]:
-        lr = self.engine.get_lr()[0] if self.engine.get_lr() else self.lc.lr
-        norm = self.engine.get_global_grad_norm()
-        out = {"lr": float(lr), "optimizer_steps": float(self.engine.global_steps)}
-        if norm is not None:
-            out["grad_norm"] = float(norm)
-        return out
 
     def train_pairs(
         self,
@@ -694,12 +810,6 @@ class LearnerRank(WeightSenderMixin):
         gc.collect()
         return had
 
-    def rng_state(self) -> torch.Tensor:
-        return torch.get_rng_state()
-
-    def set_rng_state(self, state: torch.Tensor) -> None:
-        torch.set_rng_state(state)
-
     def save_hf(self, directory: str) -> None:
         """The policy alone in Hugging Face format (rank 0 writes; ZeRO-3 gathers are
         collective, so every rank takes part)."""
@@ -707,7 +817,17 @@ class LearnerRank(WeightSenderMixin):
 
         state = self._full_state_dict() if (self.rank == 0 or self.lc.zero_stage == 3) else {}
         if self.rank == 0:
-            save_pretrained_safe(_StateModel(self.engine.module, state), self.tokenizer, directory)
+            if self._lora:
+                from twodrl.models import lora
+                from twodrl.models.loading import resolve_model_path
+
+                # The merged weights under the base names: a plain model for any loader;
+                # the adapter beside it (relative to the base with any folds applied).
+                module = self.engine.module
+                save_pretrained_safe(_StateModel(module.get_base_model(), state), self.tokenizer, directory)
+                lora.save_adapter(module, Path(directory) / LORA_SUBDIR, resolve_model_path(self.cfg.policy.path))
+            else:
+                save_pretrained_safe(_StateModel(self.engine.module, state), self.tokenizer, directory)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -717,7 +837,19 @@ class LearnerRank(WeightSenderMixin):
         from twodrl.models.loading import save_pretrained_safe
 
         d = Path(directory)
-        self.engine.save_checkpoint(str(d / DS_SUBDIR), tag="latest_round", client_state={"round": self._round})
+        # With LoRA the frozen base weights stay out (they are the policy's own files,
+        # plus the recorded folds): the checkpoint is the adapter and its optimizer.
+        self.engine.save_checkpoint(str(d / DS_SUBDIR), tag="latest_round", client_state={"round": self._round},
+                                    exclude_frozen_parameters=self._lora)
+        if self._lora:
+            if self.rank == 0:
+                from twodrl.models import lora
+                from twodrl.models.loading import resolve_model_path
+
+                lora.save_adapter(self.engine.module, d / LORA_SUBDIR, resolve_model_path(self.cfg.policy.path))
+                if self._lora_folds:
+                    lora.save_folds(self._lora_folds, d)
+            return
         # ZeRO-3 gathers are collective: every rank walks the parameters; otherwise
         # rank 0 already holds them all.
         state = self._full_state_dict() if (self.rank == 0 or self.lc.zero_stage == 3) else {}
@@ -726,21 +858,31 @@ class LearnerRank(WeightSenderMixin):
             save_pretrained_safe(_StateModel(model, state), self.tokenizer, d / HF_SUBDIR)
 
     def load_checkpoint(self, directory: str) -> dict:
+        if self._lora:
+            self._sync_lora_folds(directory)
         d = Path(directory) / DS_SUBDIR
         with _weights_only_loads():
             path, client = self.engine.load_checkpoint(
-                str(d), tag="latest_round", load_optimizer_states=True, load_lr_scheduler_states=True
+                str(d), tag="latest_round", load_optimizer_states=True, load_lr_scheduler_states=True,
+                load_module_strict=not self._lora,  # LoRA: the adapter only (see save_checkpoint)
             )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {d}")
         self._round = int((client or {}).get("round", 0))
         return {"path": path, **(client or {})}
 
-    def finalize(self, tmp: str, final: str) -> None:
-        """Rank 0: move a finished checkpoint into place (atomic rename)."""
-        from twodrl.checkpoint import replace_directory
-
-        replace_directory(tmp, final, manifest=True)
+    def restart_lr_schedule(self, total_steps: int) -> None:
+        """A fresh lr schedule (``learner.lr_schedule`` with its warm-up) over the next
+        ``total_steps`` optimizer steps, for a fine-tune that starts over (DPA's rounds
+        from the SFT policy). The run-long schedule built in :meth:`setup` would leave
+        every restarted round at its start."""
+        warmup = int(self.lc.warmup_ratio * total_steps)
+        optimizer = getattr(self.engine, "basic_optimizer", None) or self.engine.optimizer
+        for g in optimizer.param_groups:
+            g["lr"] = g.get("initial_lr", self.lc.lr)
+        self.engine.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(self.lc.lr_schedule, warmup, total_steps)
+        )
 
     # ------------------------------------------------------------------ weights
 
@@ -753,12 +895,17 @@ class LearnerRank(WeightSenderMixin):
         Under ZeRO-3 each parameter is gathered in turn (collective on all ranks)."""
         from actors.weight_sync import named_full_parameters
 
-        return [(n, t.to("cpu", copy=True)) for n, t in named_full_parameters(self.engine.module)]
+        return [(n, t.to("cpu", copy=True)) for n, t in named_full_parameters(self.weight_sync_model())]
 
     # WeightSenderMixin hooks (actors/weight_sync.py): the mixin's
     # stream_weights / weight_sync_endpoint / init_weight_group /
     # broadcast_weights run on every rank (ZeRO-3 gathers are collective); rank 0 sends.
     def weight_sync_model(self) -> torch.nn.Module:
+        if self._lora:
+            from twodrl.models.lora import MergedView
+
+            # Rollouts serve the merged model under the base names (no adapter tensors).
+            return MergedView(self.engine.module)
         return self.engine.module
 
     def weight_sync_rank(self) -> int:
@@ -771,15 +918,9 @@ class LearnerRank(WeightSenderMixin):
 
         return torch_dtype(self.cfg.policy) if self.on_gpu else None
 
-    def set_round(self, r: int) -> None:
-        self._round = int(r)
-
     def shutdown(self) -> None:
-        import torch.distributed as dist
-
         self.close_weight_segment()  # the actor is killed next: atexit would not run
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        super().shutdown()
 
 
 class _StateModel:
@@ -801,6 +942,31 @@ def _token_logps(model, batch, device, return_logits: bool = False):
     return forward_token_logps(model, batch.to(device), return_logits=return_logits)
 
 
+def _set_master_param(p: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """Write a trained parameter where the optimizer will read it: ZeRO-1/2 keeps its own
+    fp32 partition of every trained parameter and copies it back after each step, so
+    writing the module's parameter alone would be undone. A no-op without ZeRO."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
+        safe_set_full_fp32_param(p, value)
+
+
+def _zero_adam_moments(optimizer: Any, p: torch.nn.Parameter) -> None:
+    """Clear a parameter's Adam moments (ZeRO partitions or the plain torch optimizer)."""
+    from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+
+    for key in ("exp_avg", "exp_avg_sq"):
+        if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
+            state = safe_get_full_optimizer_state(p, key)
+            if state is not None:
+                safe_set_full_optimizer_state(p, torch.zeros_like(state), key)
+        else:
+            state = getattr(optimizer, "state", {}).get(p, {})
+            if key in state:
+                state[key].zero_()
+
+
 def _load_full_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load full (gathered) parameters by name; every parameter of ``model`` must be
     covered (tied weights may appear once)."""
@@ -815,6 +981,7 @@ class ReferenceServer:
     ``learner.colocate_reference`` is false: log-probs for every rank's micro-batches."""
 
     def __init__(self, cfg: RunConfig):
+        redirect_actor_output()  # RUN_DIR/logs/reference-0.log
         _setup_threads()
         from dataclasses import replace
 
@@ -871,7 +1038,78 @@ class ReferenceServer:
 # --------------------------------------------------------------------------- driver handle
 
 
-class PolicyLearnerGroup:
+class DeepSpeedGroup:
+    """Driver side of a group of DeepSpeed rank actors (:class:`DeepSpeedRank`): the
+    placement group, the rank actors ``<role>-<i>``, their rendezvous and setup,
+    atomic checkpoints and teardown. :class:`PolicyLearnerGroup` and
+    :class:`actors.reward_learner.RewardLearnerGroup` are the two; ``role`` names the
+    actors and selects their resources (:func:`actors.common.actor_request`)."""
+
+    role = "learner"
+
+    def _start_ranks(self, rank_cls: type, world_size: int, field_hint: str) -> None:
+        """Reserve the ranks' placement group and start (or re-attach) the rank actors,
+        each constructed as ``rank_cls(cfg, rank, world_size)``."""
+        self._pg = learner_group(self.cfg, role=self.role)
+        wait_placement_group(self._pg, field_hint=field_hint)
+        remote_cls = ray.remote(rank_cls)
+        self.ranks = []
+        for i in range(world_size):
+            opts = actor_options(self.role, i, self.cfg, self.namespace, placement=self._pg,
+                                 bundle_index=i if self._pg else -1)
+            # A rank that dies breaks the collective; the driver resumes from the last
+            # checkpoint instead of restarting a rank into a dead process group.
+            opts["max_restarts"] = 0
+            self.ranks.append(get_or_create_actor(remote_cls, opts, self.cfg, i, world_size))
+
+    def _setup_ranks(self, *args: Any) -> list:
+        """Rendezvous at rank 0, then every rank's ``setup(addr, port, *args)``."""
+        addr, port = ray.get(self.ranks[0].rendezvous.remote())
+        return gather([r.setup.remote(addr, port, *args) for r in self.ranks])
+
+    def save_checkpoint(self, directory: str) -> str:
+        """Every rank's DeepSpeed state (optimizer, scheduler) in ``<dir>/deepspeed``
+        and the model in Hugging Face format beside it (the rank class decides where).
+        Written to a temporary sibling and renamed, so ``directory`` is either absent,
+        the old or the complete new one. Multi-node clusters need ``directory`` on
+        shared storage."""
+        final = Path(directory)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{final.name}.tmp.", dir=final.parent)
+        try:
+            gather([r.set_round.remote(self._round) for r in self.ranks])
+            gather([r.save_checkpoint.remote(tmp) for r in self.ranks])
+            ray.get(self.ranks[0].finalize.remote(tmp, str(final)))
+        finally:
+            if Path(tmp).exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return str(final)
+
+    def load_checkpoint(self, directory: str) -> dict:
+        from twodrl.checkpoint import verify_manifest
+
+        # Every file is the one that was written, before any rank unpickles a byte of it.
+        verify_manifest(directory)
+        outs = gather([r.load_checkpoint.remote(directory) for r in self.ranks])
+        self._round = int(outs[0].get("round", 0))
+        return outs[0]
+
+    def _other_actors(self) -> list:
+        """Actors besides the ranks that :meth:`shutdown` ends."""
+        return []
+
+    def shutdown(self) -> None:
+        try:
+            ray.get([r.shutdown.remote() for r in self.ranks], timeout=30)
+        except Exception:  # noqa: BLE001 - best effort on teardown
+            pass
+        for a in self.ranks + self._other_actors():
+            ray.kill(a, no_restart=True)
+        if self._pg is not None:
+            ray.util.remove_placement_group(self._pg)
+
+
+class PolicyLearnerGroup(DeepSpeedGroup):
     """Driver-side handle of the learner ranks (a plain class, not an actor).
 
     Methods block until every rank is done and return plain Python values; metrics are
@@ -893,22 +1131,12 @@ class PolicyLearnerGroup:
         self._round = 0
         if validate:
             validate_placement(cfg, roles=("learner", "reference"))
-        self._pg = learner_group(cfg)
-        wait_placement_group(self._pg, field_hint="learner.num_gpus_per_rank × learner.num_ranks")
-        rank_cls = ray.remote(LearnerRank)
-        self.ranks = []
-        for i in range(self.world_size):
-            opts = actor_options("learner", i, cfg, self.namespace, placement=self._pg, bundle_index=i if self._pg else -1)
-            # A rank that dies breaks the collective; the driver resumes from the last
-            # checkpoint instead of restarting a rank into a dead process group.
-            opts["max_restarts"] = 0
-            self.ranks.append(get_or_create_actor(rank_cls, opts, cfg, i, self.world_size))
+        self._start_ranks(LearnerRank, self.world_size, "learner.num_gpus_per_rank × learner.num_ranks")
         self.reference = None
         if role_resources(cfg, "reference").count:  # the one count the planner reads too
             ref_opts = actor_options("reference", 0, cfg, self.namespace)
             self.reference = get_or_create_actor(ray.remote(ReferenceServer), ref_opts, cfg)
-        addr, port = ray.get(self.ranks[0].rendezvous.remote())
-        self.info = gather([r.setup.remote(addr, port, self.total_steps) for r in self.ranks])
+        self.info = self._setup_ranks(self.total_steps)
 
     # ------------------------------------------------------------------ helpers
 
@@ -1078,31 +1306,21 @@ class PolicyLearnerGroup:
         elif not all(states):
             raise RuntimeError("reset_reference: a rank has no colocated reference model")
 
-    def save_checkpoint(self, directory: str) -> str:
-        """Policy (HF format, safetensors) in ``<dir>/policy`` and the DeepSpeed state
-        (optimizer, scheduler) in ``<dir>/deepspeed``. Written to a temporary sibling and
-        renamed, so ``directory`` is either absent, the old or the complete new one.
-        Multi-node clusters need ``directory`` on shared storage."""
-        final = Path(directory)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{final.name}.tmp.", dir=final.parent)
-        try:
-            gather([r.set_round.remote(self._round) for r in self.ranks])
-            gather([r.save_checkpoint.remote(tmp) for r in self.ranks])
-            ray.get(self.ranks[0].finalize.remote(tmp, str(final)))
-        finally:
-            if Path(tmp).exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return str(final)
+    # save_checkpoint / load_checkpoint: DeepSpeedGroup's, with the policy (HF format,
+    # safetensors) in <dir>/policy and the DeepSpeed state in <dir>/deepspeed.
 
-    def load_checkpoint(self, directory: str) -> dict:
-        from twodrl.checkpoint import verify_manifest
-
-        # Every file is the one that was written, before any rank unpickles a byte of it.
-        verify_manifest(directory)
-        outs = gather([r.load_checkpoint.remote(directory) for r in self.ranks])
-        self._round = int(outs[0].get("round", 0))
-        return outs[0]
+    def reset_to(self, directory: str, total_steps: Optional[int] = None) -> dict:
+        """Put the policy back to the checkpoint in ``directory`` (weights, optimizer and
+        scheduler state as saved there), e.g. the round-0 policy DPA fine-tunes afresh
+        each round. Unlike :meth:`load_checkpoint` the group's round counter (which
+        seeds batching and shuffles) keeps counting. ``total_steps``: also start a new
+        lr schedule over that many optimizer steps."""
+        kept = self._round
+        out = self.load_checkpoint(directory)
+        self._round = kept
+        if total_steps is not None:
+            gather([r.restart_lr_schedule.remote(max(1, int(total_steps))) for r in self.ranks])
+        return out
 
     def export_weights_object_store(self, bucket_bytes: int = 64 << 20) -> list:
         """Refs to the buckets of the full policy weights in the object store, packed by
@@ -1231,12 +1449,5 @@ class PolicyLearnerGroup:
     def _seed(self) -> int:
         return self.cfg.seed * 1_000_003 + self._round
 
-    def shutdown(self) -> None:
-        try:
-            ray.get([r.shutdown.remote() for r in self.ranks], timeout=30)
-        except Exception:  # noqa: BLE001 - best effort on teardown
-            pass
-        for a in self.ranks + ([self.reference] if self.reference is not None else []):
-            ray.kill(a, no_restart=True)
-        if self._pg is not None:
-            ray.util.remove_placement_group(self._pg)
+    def _other_actors(self) -> list:
+        return [self.reference] if self.reference is not None else []

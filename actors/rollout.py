@@ -610,9 +610,10 @@ class RolloutWorker:
     for how generation and weight updates are kept apart."""
 
     def __init__(self, cfg: RunConfig, index: int = 0, backend: Optional[str] = None, model_path: Optional[str] = None):
-        from actors.common import count_incarnation
+        from actors.common import count_incarnation, redirect_actor_output
         from twodrl.models.loading import load_tokenizer, resolve_model_path
 
+        redirect_actor_output()  # vLLM's start-up logs go to RUN_DIR/logs/rollout-N.log
         self._incarnation = count_incarnation()
         self.cfg = cfg
         self.index = index

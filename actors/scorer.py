@@ -5,7 +5,10 @@ Backends (``scorer.backend``), one interface:
 ``hf`` (what runs and is tested here; the only backend that can train)
     The reward model through :func:`twodrl.models.loading.load_reward_model` (a token
     classification model read at each segment's last token, see
-    :mod:`twodrl.models.reward_model`), batched ``scorer.batch_size`` responses per
+    :mod:`twodrl.models.reward_model`; with ``scorer.mode=sequence`` a sequence
+    classification model read once, at the response's last token: one rating per
+    aspect for the whole response, ``scores`` ``[1][A]``, as DPA's multi-objective RM
+    rates), batched ``scorer.batch_size`` responses per
     forward, on CPU, one GPU, or — with ``tensor_parallel_size`` N > 1 — sharded layer
     by layer over N GPUs (``device_map="auto"``); the actor then asks Ray for N GPUs
     (:func:`actors.common.actor_request`), so they are visible to it.
@@ -14,8 +17,9 @@ Backends (``scorer.backend``), one interface:
     a 72B reward model fits across a node. The prompt is tokenized here with the same
     chat template, so the positions of segment-final tokens are known; vLLM returns the
     per-token head outputs, and the rows at those positions are the ratings.
-``auto`` (the default) is ``vllm`` on GPU when the run never trains the reward model,
-else ``hf`` (:meth:`twodrl.config.ScorerConfig.resolved_backend`).
+``auto`` (the default) is ``vllm`` on GPU when the run never trains the reward model
+and it is a segment (token-classification) one, else ``hf``
+(:meth:`twodrl.config.ScorerConfig.resolved_backend`).
 
 Round 0 trains the reward model on judge annotations (:meth:`RewardScorer.train`);
 every scorer of the pool then loads the same weights (:meth:`RewardScorer.load`).
@@ -43,8 +47,9 @@ class RewardScorer:
     ``aspects.names`` order)."""
 
     def __init__(self, cfg: RunConfig, index: int = 0):
-        from actors.common import count_incarnation
+        from actors.common import count_incarnation, redirect_actor_output
 
+        redirect_actor_output()  # RUN_DIR/logs/scorer-N.log
         self._incarnation = count_incarnation()
         torch.set_num_threads(int(os.environ.get("TWODRL_TORCH_THREADS", "1")))
         self.cfg = cfg

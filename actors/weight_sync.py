@@ -180,6 +180,7 @@ def iter_packed_buckets(
     zero3 = _is_zero3(list(by_name.values()))
     if not pack and not zero3:
         return  # nothing to gather, nothing to send
+    realize = _sync_tensor_hook(model)
     for i, plan in enumerate(plans):
         params = [by_name[m.name] for m in plan]
         with _gathered(params, zero3), torch.no_grad():
@@ -189,7 +190,8 @@ def iter_packed_buckets(
                     out = pool.get(i, bucket_nbytes(plan), device or params[0].device)
                 elif device is not None:
                     out = torch.empty(bucket_nbytes(plan), dtype=torch.uint8, device=device)
-                yield pack_bucket(plan, params, out=out)
+                tensors = [realize(m.name, p) for m, p in zip(plan, params)] if realize else params
+                yield pack_bucket(plan, tensors, out=out)
             else:
                 yield None
 
@@ -200,9 +202,18 @@ def named_full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.T
     the next item under ZeRO-3 — copy it if you keep it."""
     named = [(hf_param_name(n), p) for n, p in model.named_parameters()]
     zero3 = _is_zero3([p for _, p in named])
+    realize = _sync_tensor_hook(model)
     for name, p in named:
         with _gathered([p], zero3), torch.no_grad():
-            yield name, p.detach()
+            yield name, (realize(name, p.detach()) if realize else p.detach())
+
+
+def _sync_tensor_hook(model: Any) -> Optional[Callable[[str, torch.Tensor], torch.Tensor]]:
+    """``model.sync_tensor(name, tensor)`` when the model has one: the tensor to send in
+    place of a parameter, computed as its bucket is packed (a LoRA policy sends
+    ``W + scaling * B @ A`` for its adapted weights, twodrl.models.lora.MergedView), so
+    no second copy of the model exists during a sync. Same shape and dtype."""
+    return getattr(model, "sync_tensor", None)
 
 
 # --------------------------------------------------------------------------- streamed buckets

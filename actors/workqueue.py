@@ -140,13 +140,17 @@ class WorkQueue:
         items: Sequence[dict],
         progress: Optional[Callable[[int], None]] = None,
         desc: Optional[str] = None,
+        on_result: Optional[Callable[[dict], None]] = None,
     ) -> list[dict]:
-        """Results for ``items``, one per item, in input order."""
+        """Results for ``items``, one per item, in input order. ``on_result`` sees each
+        result as soon as it arrives (streaming consumers start on it at once)."""
         results: dict[Any, dict] = {}
         bar = _progress_bar(len(items), desc) if desc else None
         try:
             for res in self.iter_results(items):
                 results[res[self.key]] = res
+                if on_result is not None:
+                    on_result(res)
                 if progress is not None:
                     progress(1)
                 if bar is not None:
@@ -369,12 +373,14 @@ def run_work_queue(
     chunk_size: int = 8,
     progress: bool = False,
     desc: Optional[str] = None,
+    on_result: Optional[Callable[[dict], None]] = None,
     **queue_kwargs: Any,
 ) -> list[dict]:
     """The driver's entry point: results for ``items`` in input order, each exactly
-    once, surviving actor deaths (see the module docstring). ``progress`` shows a bar."""
+    once, surviving actor deaths (see the module docstring). ``progress`` shows a bar;
+    ``on_result`` is called with each result as it arrives."""
     queue = WorkQueue(actors, method, chunk_size=chunk_size, method_kwargs=kwargs, **queue_kwargs)
-    results = queue.run(items, desc=(desc or method) if progress else None)
+    results = queue.run(items, desc=(desc or method) if progress else None, on_result=on_result)
     stats = queue.stats.as_dict()
     if stats["chunks_failed"]:
         log.warning("%s: %d chunk(s) failed and %d item(s) were re-queued", method, stats["chunks_failed"], stats["items_requeued"])

@@ -21,20 +21,27 @@ that round's training and weight sync, every ``eval.every_rounds`` rounds.
 
 The driver holds no model and knows no task: prompts and warm-start data come from a
 :class:`twodrl.tasks.Task`; it moves data between actors and calls the pure functions of
-:mod:`twodrl.rounds` and :mod:`twodrl.evaluation`. Scheduling is ``sync`` (stage after stage) or ``overlap`` (the
-rollout of round k+1 runs while the learner trains on round k, one round off-policy).
+:mod:`twodrl.rounds` and :mod:`twodrl.evaluation`. Scheduling is ``sync`` (stage after
+stage), ``overlap`` (the rollout of round k+1 runs while round k scores, judges and
+trains) or ``stream``: a round's samples flow rollout → score → judge a chunk of prompts
+at a time (:meth:`OnlineDriver.collect`), the collection of the next ``max_staleness``
+rounds runs while round k trains, syncs, evaluates and checkpoints, and evaluation runs
+on the engines while the learner ranks write the checkpoint. Every sample carries the
+weights version that generated it (``rollout/staleness_mean``, ``_max``).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as futures
 import json
+import logging
 import math
 import os
 import random
 import socket
+import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,9 +61,19 @@ from twodrl.checkpoint import (
 )
 from twodrl.config import RunConfig, dump_config, to_dict
 from twodrl.metrics import ray_metric_name, round_metric_keys
-from twodrl.rounds import PromptCursor, ScoredSample, agreement, reward_summary, select_pairs
+from twodrl.rounds import (
+    PromptCursor,
+    ScoredSample,
+    agreement,
+    audited,
+    reward_summary,
+    rounds_to_prefetch,
+    select_pairs,
+    staleness_summary,
+)
 from twodrl.tasks import Task, TaskPrompt, prepare_task
-from twodrl.tracking import MetricsLogger, plot_rewards, read_metrics, truncate_metrics
+from twodrl.tracking import (EVAL_SAMPLES_KEY, MetricsLogger, eval_sample_table, plot_rewards, read_metrics,
+                             truncate_metrics)
 
 
 # Environment the actors need whatever node they land on (CPU DeepSpeed, in-process
@@ -72,10 +89,19 @@ ACTOR_ENV_DEFAULTS = {
 }
 
 
-def connect_ray(cfg: RunConfig, namespace: str) -> str:
+def connect_ray(cfg: RunConfig, namespace: str, log_dir: str | Path | None = None) -> str:
     """Join the cluster named by ``ray.address`` or ``RAY_ADDRESS`` (``ray job submit``
     sets it), else start a local one with ``ray.num_cpus`` logical CPU slots. Returns
-    the cluster address the run uses (written to ``RUN_DIR/ray.json``)."""
+    the cluster address the run uses (written to ``RUN_DIR/ray.json``).
+
+    With ``log_dir`` (``RUN_DIR/logs``; None with ``--verbose``) every actor writes its
+    output to ``log_dir/<actor>.log`` (:func:`actors.common.redirect_actor_output`)
+    and none of the workers' output is forwarded to this process: the terminal keeps
+    the run's progress, round lines and errors. On a cluster that already exists (``ray
+    job submit``, KubeRay) this applies as well: both are settings of this job, not of
+    the cluster."""
+    from actors.common import LOG_DIR_ENV
+
     env = {}
     for key, default in ACTOR_ENV_DEFAULTS.items():
         value = os.environ.get(key, default)
@@ -88,19 +114,79 @@ def connect_ray(cfg: RunConfig, namespace: str) -> str:
     # variables: forward only what the job did not set.
     job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("runtime_env") or {}
     env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}
+    if log_dir is not None:
+        # Absolute: actors run in another working directory (the job's unpacked
+        # working_dir under `ray job submit`).
+        env[LOG_DIR_ENV] = str(Path(log_dir).resolve())
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
     runtime_env = {"env_vars": env}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    log_to_driver = log_dir is None
+    # ray.init sets the level of Ray's own loggers in this process ("Started a local
+    # Ray instance", "Connecting to existing Ray cluster" …): warnings only unless verbose.
+    quiet = {} if log_to_driver else {"logging_level": logging.WARNING}
     if ray.is_initialized():
         pass  # a notebook or test that started Ray itself
     elif address:
-        ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=log_to_driver, **quiet)
     else:
         kwargs: dict[str, Any] = {"num_cpus": cfg.ray.num_cpus, "namespace": namespace, "runtime_env": runtime_env,
-                                  "dashboard_host": "127.0.0.1", "include_dashboard": cfg.ray.dashboard}
+                                  "dashboard_host": "127.0.0.1", "include_dashboard": cfg.ray.dashboard,
+                                  "log_to_driver": log_to_driver, **quiet}
         if cfg.logging.metrics_port:
             kwargs["_metrics_export_port"] = cfg.logging.metrics_port
         ray.init(**kwargs)
     return ray.get_runtime_context().gcs_address
+
+
+# Libraries whose INFO lines, logged in the driver process at import or start-up,
+# would bury the run's own output; their warnings and errors still show.
+NOISY_LOGGERS = ("ray", "vllm", "deepspeed", "DeepSpeed", "transformers", "torch", "urllib3", "httpx", "filelock")
+
+
+def quiet_driver_loggers(verbose: bool = False) -> None:
+    """Raise the driver process's library loggers to WARNING (not with ``--verbose``).
+    The actors' own logs go to ``RUN_DIR/logs`` (see :func:`connect_ray`)."""
+    if verbose:
+        return
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def actor_log_tails(log_dir: Path, error: BaseException | None = None, names: list[str] | None = None,
+                    lines: int | None = None) -> str:
+    """The last lines of the log files of the actors named in ``names`` and in
+    ``error`` (Ray's actor-died errors carry the actor's name), for an error message:
+    an actor killed by a signal or the OOM killer leaves no traceback, only its log."""
+    import re
+
+    from actors.common import LOG_TAIL_LINES, actor_log_path, log_tail
+
+    wanted = list(names or [])
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:  # the error and its causes
+        seen.add(id(error))
+        wanted += re.findall(r"\bname:\s*([A-Za-z_]+-\d+)\b", str(error))
+        error = error.__cause__ or error.__context__
+    out = []
+    for name in dict.fromkeys(n.split()[0] for n in wanted if n):
+        path = actor_log_path(log_dir, name)
+        tail = log_tail(path, lines or LOG_TAIL_LINES)
+        if tail:
+            out.append(f"---- last lines of {path} ----\n{tail}")
+    return "\n".join(out)
+
+
+def _remote_traceback(error: BaseException | None) -> str:
+    """The traceback an actor's exception came back with (a ``RayTaskError`` among
+    ``error`` and its causes), '' if none did."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ray.exceptions.RayTaskError):
+            return str(error).strip()
+        error = error.__cause__ or error.__context__
+    return ""
 
 
 def _await_ready(actors: list, deadline_s: float = 600.0) -> None:
@@ -137,6 +223,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _request_round(request_id: str) -> int:
+    """The round a rollout request was planned for, from its id (``r<round>-e…``, see
+    ``OnlineDriver._prompt_requests``): with overlap scheduling the next round's
+    requests exist while this round trains, so the driver's own counters cannot say."""
+    head = request_id.split("-", 1)[0]
+    if not (head.startswith("r") and head[1:].isdigit()):
+        raise ValueError(f"request id {request_id!r} does not start with r<round>-")
+    return int(head[1:])
+
+
 class RunStopped(RuntimeError):
     """A fault the run could not ride through; the message says which, where, and from
     which checkpoint ``--resume`` continues."""
@@ -170,10 +266,12 @@ class OnlineDriver:
     notebook: ``d = OnlineDriver(cfg, run_dir); d.setup(); d.run_round(0); ...``."""
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, resume: bool = False, progress: bool | None = None,
-                 task: Task | None = None):
+                 task: Task | None = None, verbose: bool = False):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.resume = resume
+        # False: each actor's output goes to RUN_DIR/logs/<actor>.log; True: to this terminal.
+        self.verbose = verbose
         self.progress = cfg.logging.progress if progress is None else progress
         from actors.common import run_namespace
 
@@ -197,7 +295,13 @@ class OnlineDriver:
         self.completed_prompts = 0
         self.resynced_samples = 0  # prompts re-sampled after a rollout worker restarted
         self._unlogged_row: dict | None = None  # see _restore
-        self._pool = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="twodrl-stage")
+        # Prefetched rounds' collection and a concurrent evaluation; the chunks a
+        # streaming collection scores and judges while it still generates.
+        self._pool = futures.ThreadPoolExecutor(max_workers=cfg.max_staleness + 2, thread_name_prefix="twodrl-round")
+        self._stage_pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="twodrl-stage")
+        self._prefetched: dict[int, tuple[list[dict], futures.Future]] = {}  # round -> (requests, collection)
+        self._sync_lock = threading.Lock()
+        self._resume_requests: dict[int, list[dict]] | None = None
         self._stop_judge: Callable[[], None] | None = None
         self._directions: dict[str, list[float]] = {}  # DPA: prompt id -> direction v
         self._replay_rng = random.Random(cfg.seed + 1)
@@ -218,7 +322,8 @@ class OnlineDriver:
             # A resumed run keeps the config it started with (its changes go to
             # resumes.jsonl, see twodrl.rundir).
             dump_config(self.cfg, self.run_dir / "config.yaml")
-        address = connect_ray(self.cfg, namespace=self.namespace)
+        address = connect_ray(self.cfg, namespace=self.namespace,
+                              log_dir=None if self.verbose else self.run_dir / "logs")
         (self.run_dir / "ray.json").write_text(
             json.dumps({"address": address, "namespace": self.namespace, "run_name": self.run_name}, indent=2)
         )
@@ -297,7 +402,10 @@ class OnlineDriver:
         self.completed_prompts = state.get("completed_prompts", 0)
         self.weights_version = state.get("weights_version", 0)
         self.learner_restarts = max(self.learner_restarts, state.get("learner_restarts", 0))
-        self._resume_requests = state.get("pending_requests")
+        pending = state.get("pending_rounds") or {}
+        if state.get("pending_requests"):  # written before several rounds could be pending
+            pending = {str(round_idx + 1): state["pending_requests"]}
+        self._resume_requests = {int(q): reqs for q, reqs in pending.items()}
         self._directions.update(state.get("pending_directions") or {})
         if (self.run_dir / "warmstart").is_dir():
             # The reference is the warm-started policy: load it, freeze it, then
@@ -348,8 +456,14 @@ class OnlineDriver:
                         dead.append(f"{role}-{i}")
         import traceback
 
-        # The full traceback, for whoever debugs it; the message stays one line.
-        atomic_write_text(self.run_dir / "error.log", "".join(traceback.format_exception(error)))
+        # Actor output goes to RUN_DIR/logs, not the terminal: what a failed actor
+        # said last (its traceback, or its last log lines when a signal or the OOM
+        # killer ended it without one) is part of the message.
+        tails = actor_log_tails(self.run_dir / "logs", error, dead)
+        remote = _remote_traceback(error)
+        # The full traceback, for whoever debugs it; the message's first line is the summary.
+        atomic_write_text(self.run_dir / "error.log", "".join(traceback.format_exception(error))
+                          + (f"\n{tails}\n" if tails else ""))
         last = latest_checkpoint(self.run_dir)
         where = f"round {last[0]}" if last else "nothing yet (round 0 had not finished)"
         first = (str(error).strip().splitlines() or [""])[0][:300]
@@ -358,6 +472,8 @@ class OnlineDriver:
             + (f"actor(s) {', '.join(dead)} did not come back; " if dead else "")
             + f"last error {type(error).__name__}: {first} (traceback in {self.run_dir / 'error.log'}). "
             + f"--resume continues after {where}."
+            + (f"\n{remote}" if remote else "")
+            + (f"\n{tails}" if tails else "")
         )
 
     def _count_restarts(self) -> None:
@@ -386,9 +502,7 @@ class OnlineDriver:
         self.learner_restarts += 1
         print(f"[twodrl] learner failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
               f"rebuilding it ({self.learner_restarts}/{self.cfg.learner.max_failures})", flush=True)
-        if self._pending is not None:
-            self._pending.cancel()  # an overlapped rollout is redrawn from the checkpoint
-        self._pending = None
+        self._cancel_prefetched()  # prefetched rounds are redrawn from the checkpoint
         try:  # rank 0 may be alive and own the weight-sync segment
             self.learner.close_weight_segments(timeout_s=10)
         except Exception:  # noqa: BLE001 - best effort: the segment is swept later anyway
@@ -408,8 +522,7 @@ class OnlineDriver:
         round_idx, path = last
         self._resume_requests = None
         self._restore_state(round_idx, path)
-        if self._resume_requests:
-            self._pending = self._pool.submit(self.rollout, self._resume_requests, self.cfg.rollout.samples_per_prompt)
+        self._collect_resumed()
         return round_idx + 1
 
     # ------------------------------------------------------------------ stages
@@ -451,9 +564,12 @@ class OnlineDriver:
                 out.append(r)
         return out
 
-    def rollout(self, requests: list[dict], n: int, greedy: bool = False) -> tuple[list[list[ScoredSample]], dict]:
+    def rollout(self, requests: list[dict], n: int, greedy: bool = False,
+                on_group: Callable[[list[ScoredSample]], None] | None = None) -> tuple[list[list[ScoredSample]], dict]:
         """Generate ``n`` samples per request across the rollout workers; requests of a
-        worker that dies are re-queued (none lost, none duplicated)."""
+        worker that dies are re-queued (none lost, none duplicated). ``on_group`` gets
+        each request's samples as soon as they are in (stream scheduling scores them
+        while other prompts still generate); they are the same objects returned."""
         from actors.workqueue import run_work_queue
 
         t0 = time.perf_counter()
@@ -465,24 +581,34 @@ class OnlineDriver:
             "greedy": greedy,
         }
         expected = self.weights_version
-        todo, by_id = list(requests), {}
-        for attempt in range(3):
-            results = run_work_queue(
-                self.rollout_workers,
-                todo,
-                method="generate",
-                kwargs=params,
-                chunk_size=max(1, len(todo) // (2 * len(self.rollout_workers)) or 1),
-                progress=self.progress and not greedy,
-                desc="rollout",
-            )
-            by_id.update((r["id"], r) for r in results)
+        by_request = {r["id"]: r for r in requests}
+        groups_by_id: dict[str, list[ScoredSample]] = {}
+        stale: set[str] = set()
+
+        def accept(res: dict) -> None:
             # A worker that Ray restarted mid-round came back with the initial weights
             # (its constructor loads policy.path); its samples are from the wrong policy.
-            # Bring it up to the current version and sample those prompts again.
-            stale = {r["id"] for r in results if r.get("weights_version", expected) < expected}
+            if res.get("weights_version", expected) < expected:
+                stale.add(res["id"])
+                return
+            group = self._group(by_request[res["id"]], res)
+            groups_by_id[res["id"]] = group
+            if on_group is not None:
+                on_group(group)
+
+        workers = len(self.rollout_workers)
+        todo = list(requests)
+        # Streaming: chunks of about one scorer batch, so scoring starts early.
+        chunk = (max(1, -(-self.cfg.scorer.batch_size // n)) if on_group is not None
+                 else max(1, len(todo) // (2 * workers) or 1))
+        for attempt in range(3):
+            stale.clear()
+            run_work_queue(self.rollout_workers, todo, method="generate", kwargs=params, chunk_size=chunk,
+                           progress=self.progress and not greedy, desc="rollout", on_result=accept)
             if not stale:
                 break
+            # Bring the restarted worker up to the current version and sample those
+            # prompts again.
             _await_ready(self.rollout_workers, deadline_s=self.cfg.rollout.call_timeout_s)
             versions = ray.get([w.weights_version.remote() for w in self.rollout_workers])
             lagging = [w for w, v in zip(self.rollout_workers, versions) if v < expected]
@@ -492,30 +618,22 @@ class OnlineDriver:
             todo = [r for r in requests if r["id"] in stale]
         else:
             raise RuntimeError(f"rollout: {len(stale)} prompt(s) still sampled with stale weights after re-syncing")
-        groups, tokens = [], 0
-        for req in requests:
-            res = by_id[req["id"]]
-            group = []
-            for s in res["samples"]:
-                tokens += len(s.get("token_ids") or [])
-                group.append(
-                    ScoredSample(
-                        prompt_id=req["id"],
-                        prompt=req["prompt"],
-                        text=s["text"],
-                        segments=[],
-                        scores=[],
-                        history=req.get("history"),
-                        system=req.get("system"),
-                        token_ids=s.get("token_ids"),
-                        logprobs=s.get("logprobs"),
-                    )
-                )
-            groups.append(group)
+        groups = [groups_by_id[req["id"]] for req in requests]
+        tokens = sum(len(s.token_ids or []) for g in groups for s in g)
         elapsed = time.perf_counter() - t0
         return groups, {"rollout/tokens_per_s": tokens / max(elapsed, 1e-9), "time/rollout_s": elapsed}
 
-    def score(self, samples: list[ScoredSample]) -> float:
+    def _group(self, req: dict, res: dict) -> list[ScoredSample]:
+        """One request's samples, unscored, each with the weights version it was
+        generated with."""
+        return [
+            ScoredSample(prompt_id=req["id"], prompt=req["prompt"], text=s["text"], segments=[], scores=[],
+                         history=req.get("history"), system=req.get("system"), token_ids=s.get("token_ids"),
+                         logprobs=s.get("logprobs"), weights_version=res.get("weights_version"))
+            for s in res["samples"]
+        ]
+
+    def score(self, samples: list[ScoredSample], progress: bool | None = None) -> float:
         """Fill every sample's segments and [S, A] scores from the 2D reward model."""
         from actors.workqueue import run_work_queue
 
@@ -524,7 +642,8 @@ class OnlineDriver:
             {"id": str(i), "prompt": s.prompt, "response": s.text, "history": s.history} for i, s in enumerate(samples)
         ]
         results = run_work_queue(
-            self.scorers, items, method="score", chunk_size=self.cfg.scorer.batch_size, progress=self.progress, desc="score",
+            self.scorers, items, method="score", chunk_size=self.cfg.scorer.batch_size,
+            progress=self.progress if progress is None else progress, desc="score",
             call_timeout_s=self.cfg.scorer.call_timeout_s,
         )
         for r in results:
@@ -536,17 +655,26 @@ class OnlineDriver:
         """Judge ratings for ``samples`` (single-response mode), split across the
         annotation actors. A failed request yields None for that sample."""
         t0 = time.perf_counter()
+        before = self._annotator_stats()
+        judged = self._judge_samples(samples)
+        after = self._annotator_stats()
+        self._check_budget(after)
+        return judged, self._annotate_metrics(before, after, time.perf_counter() - t0)
+
+    def _judge_samples(self, samples: list[ScoredSample]) -> list[Any]:
+        """The judge's (segments, [S][A] ratings) per sample, None where it failed."""
         items = [
             {"id": str(i), "prompt": s.prompt, "response": s.text, "history": s.history} for i, s in enumerate(samples)
         ]
-        before = self._annotator_stats()
         results = self._judge(items, "annotate_responses")
-        after = self._annotator_stats()
-        self._check_budget(after)
         judged: list[Any] = [None] * len(samples)
         for r in results:
             if r.get("scores") is not None:
                 judged[int(r["id"])] = (r["segments"], r["scores"])
+        return judged
+
+    def _annotate_metrics(self, before: list[dict], after: list[dict], elapsed: float) -> dict:
+        """``annotate/*`` between two readings of the annotators' counters."""
         # Requests and cost come from the run-wide ledger in the judge cache when there
         # is one: an annotator that Ray restarted mid-call starts its own counters at 0,
         # the ledger does not. Failures are per actor (a restart loses a few at most).
@@ -556,11 +684,11 @@ class OnlineDriver:
 
         delta = {k: max(0, total(after, k) - total(before, k)) for k in ("requests", "cost_usd")}
         delta["failures"] = max(0, sum(a.get("failures", 0) for a in after) - sum(b.get("failures", 0) for b in before))
-        return judged, {
+        return {
             "annotate/requests": delta["requests"],
             "annotate/failures": delta["failures"],
             "annotate/cost_usd": delta["cost_usd"],
-            "time/annotate_s": time.perf_counter() - t0,
+            "time/annotate_s": elapsed,
         }
 
     def _sync_weights(self, workers: list | None = None) -> float:
@@ -570,6 +698,10 @@ class OnlineDriver:
         A rollout worker that Ray is restarting (killed, OOM) is waited for; one that
         dies or is restarted during the sync comes back with its initial weights, so it
         is synced again at the same version. Only a learner failure ends the sync."""
+        with self._sync_lock:  # a streaming collection may catch a restarted worker up meanwhile
+            return self._sync_weights_locked(workers)
+
+    def _sync_weights_locked(self, workers: list | None) -> float:
         from actors.weight_sync import sync_weights
 
         t0 = time.perf_counter()
@@ -712,7 +844,8 @@ class OnlineDriver:
         train the first 2D reward model on judge annotations (skipped when
         ``scorer.rm_train_responses`` is 0: the scorer serves ``scorer.model.path``). The
         annotated responses are the task's own when it has them, else the policy's own
-        responses to train prompts."""
+        responses to train prompts. DPA-RSF with ``dpa.restart_from_sft`` and no SFT keeps
+        the initial policy (``RUN_DIR/dpa/sft``): every round's fine-tune restarts there."""
         cfg = self.cfg
         examples = self.task.warm_start_examples(cfg.task.sft_examples) if cfg.task.sft_examples > 0 else []
         out: dict[str, Any] = {"time/train_s": 0.0, "time/sync_s": 0.0}
@@ -731,6 +864,9 @@ class OnlineDriver:
             # Kept so a resumed run can rebuild the same reference model.
             self.learner.save_checkpoint(str(self.run_dir / "warmstart"))
             out["time/sync_s"] += self._sync_weights()
+        elif cfg.algorithm == "dpa-rsf" and cfg.dpa.restart_from_sft:
+            # No warm start: DPA's rounds restart from the initial policy, kept here.
+            self.learner.save_checkpoint(str(self._dpa_sft_dir()))
         if cfg.scorer.rm_train_responses > 0:
             n = cfg.scorer.rm_train_responses
             responses = self.task.rm_training_responses(n)
@@ -815,6 +951,11 @@ class OnlineDriver:
             # comes back with the last saved RM, so the update is simply redone.
             _await_ready(self.scorers, deadline_s=sc.call_timeout_s)
             try:
+                if sc.train_ranks > 1:
+                    stats = self._update_rm_on_group(rows)
+                    # Every scorer serves the model the group saved.
+                    ray.get([s.load.remote(str(self.run_dir / "reward_model")) for s in self.scorers])
+                    break
                 stats = ray.get(self.scorers[0].train.remote(rows, epochs=sc.update_epochs, lr=sc.update_lr))
                 with atomic_directory(self.run_dir / "reward_model") as tmp:
                     ray.get(self.scorers[0].save.remote(str(tmp)))
@@ -829,10 +970,34 @@ class OnlineDriver:
         out["time/rm_update_s"] = time.perf_counter() - t0
         return out
 
+    def _update_rm_on_group(self, rows: list[dict]) -> dict:
+        """An RM update on ``scorer.train_ranks`` DeepSpeed ranks (a model too large to
+        train inside one scorer): the group starts from the RM the scorers serve
+        (``RUN_DIR/reward_model``, else ``scorer.model.path``), trains like
+        :meth:`actors.scorer.RewardScorer.train` would (``scorer.update_epochs``,
+        ``update_lr``), saves over ``RUN_DIR/reward_model`` atomically and is shut
+        down, so its GPUs are held only during the update."""
+        from actors.reward_learner import RewardLearnerGroup
+
+        sc = self.cfg.scorer
+        current = self.run_dir / "reward_model"
+        start = str(current) if (current / "config.json").is_file() else sc.model.path
+        update = replace(sc, train_epochs=sc.update_epochs, train_lr=sc.update_lr or sc.train_lr)
+        group = RewardLearnerGroup(self.cfg, rows, sc=update, model_path=start, namespace=self.namespace)
+        try:
+            stats: dict = {}
+            while group.epochs_done < len(group.plan):
+                stats = group.train_epoch()
+            with atomic_directory(current) as tmp:
+                group.save_pretrained(str(tmp))
+        finally:
+            group.shutdown()
+        return stats
+
     # ------------------------------------------------------------------ a round
 
     def _plan_prompts(self, round_idx: int) -> list[dict]:
-        picks = self.cursor.take(self.cfg.rollout.prompts_per_round)
+        picks = self._take_prompts(round_idx)
         self.planned_prompts += len(picks)
         requests = self._prompt_requests(picks, round_idx)
         # Which prompts the round drew, for auditing the cursor: a resumed run redraws
@@ -845,9 +1010,104 @@ class OnlineDriver:
             for (e, i), p in zip(picks, drawn)]}, indent=1))
         return requests
 
+    def collect(self, requests: list[dict], round_idx: int) -> dict:
+        """The round's samples: rollout, and with ``scheduling: stream`` also the reward
+        model's scores and the judge's audit, per chunk of prompts as soon as its samples
+        are in, while other prompts still generate. Other scheduling leaves scoring and
+        judging to :meth:`finish_collect`. Runs in a stage thread for prefetched rounds."""
+        cfg = self.cfg
+        n = cfg.rollout.samples_per_prompt
+        if cfg.scheduling != "stream":
+            groups, metrics = self.rollout(requests, n)
+            return {"groups": groups, "metrics": metrics, "audit": None, "judged": None}
+        t0 = time.perf_counter()
+        before = self._annotator_stats() if self.annotators else []
+        jobs: list[futures.Future] = []
+        batch: list[ScoredSample] = []
+
+        def on_group(group: list[ScoredSample]) -> None:
+            batch.extend(group)
+            if len(batch) >= cfg.scorer.batch_size:
+                jobs.append(self._stage_pool.submit(self._score_and_audit, list(batch), round_idx))
+                batch.clear()
+
+        groups, metrics = self.rollout(requests, n, on_group=on_group)
+        if batch:
+            jobs.append(self._stage_pool.submit(self._score_and_audit, list(batch), round_idx))
+        audit, judged, score_s, annotate_s = [], [], 0.0, 0.0
+        for job in jobs:
+            a, j, ts, ta = job.result()
+            audit += a
+            judged += j
+            score_s, annotate_s = score_s + ts, annotate_s + ta
+        if self.annotators:
+            after = self._annotator_stats()
+            self._check_budget(after)
+            metrics.update(self._annotate_metrics(before, after, annotate_s))
+        # Busy time of each stage (they overlap: their sum exceeds the wall time).
+        metrics.update({"time/score_s": score_s, "time/annotate_s": annotate_s,
+                        "time/collect_s": time.perf_counter() - t0})
+        return {"groups": groups, "metrics": metrics, "audit": audit, "judged": judged}
+
+    def _audit(self, samples: list[ScoredSample], round_idx: int) -> list[ScoredSample]:
+        """The samples the judge rates (``annotator.fraction`` of them, a seeded draw per
+        sample, see :func:`twodrl.rounds.audited`)."""
+        if not self.annotators:
+            return []
+        counts: dict[str, int] = {}
+        out = []
+        for s in samples:
+            k = counts[s.prompt_id] = counts.get(s.prompt_id, -1) + 1
+            if audited(self.cfg.seed, round_idx, s.prompt_id, k, self.cfg.annotator.fraction):
+                out.append(s)
+        return out
+
+    def _score_and_audit(self, samples: list[ScoredSample], round_idx: int) -> tuple[list, list, float, float]:
+        """Stream scheduling, one chunk: reward-model scores, then the judge's ratings of
+        its audited samples (the judge sees the response, not the RM's scores)."""
+        score_s = self.score(samples, progress=False)  # many small calls: the rollout bar is the round's
+        audit = self._audit(samples, round_idx)
+        t0 = time.perf_counter()
+        judged = self._judge_samples(audit) if audit else []
+        return audit, judged, score_s, time.perf_counter() - t0
+
+    def finish_collect(self, data: dict, round_idx: int) -> dict:
+        """Scoring and judging of a collected round that :meth:`collect` left undone
+        (``sync`` and ``overlap`` scheduling): stage after stage."""
+        if data["audit"] is not None:
+            return data
+        samples = [s for g in data["groups"] for s in g]
+        metrics = data["metrics"]
+        self._fault_point("score", round_idx)
+        metrics["time/score_s"] = self.score(samples)
+        audit = self._audit(samples, round_idx)
+        self._fault_point("annotate", round_idx)
+        judged, annotate_metrics = (self.annotate(audit) if audit else
+                                    ([], {"time/annotate_s": 0.0, "annotate/requests": 0, "annotate/failures": 0,
+                                          "annotate/cost_usd": 0.0}))
+        metrics.update(annotate_metrics)
+        return dict(data, audit=audit, judged=judged)
+
+    def _prefetch(self, round_idx: int) -> None:
+        """Start collecting the rounds that may be sampled now (``overlap``: the next
+        round's rollout; ``stream``: up to ``max_staleness`` rounds, all stages). Their
+        prompts are drawn now, in round order, and checkpointed with this round, so a
+        resumed run collects exactly these again."""
+        cfg = self.cfg
+        ahead = {"sync": 0, "overlap": 1, "stream": cfg.max_staleness}[cfg.scheduling]
+        for q in rounds_to_prefetch(round_idx, self.total_rounds, ahead, list(self._prefetched)):
+            requests = self._plan_prompts(q)
+            self._prefetched[q] = (requests, self._pool.submit(self.collect, requests, q))
+
+    def _cancel_prefetched(self) -> None:
+        for _, fut in self._prefetched.values():
+            fut.cancel()
+        self._prefetched.clear()
+
     def run_round(self, round_idx: int, pending: futures.Future | None = None) -> dict:
-        """One round; returns its logged metrics. ``pending`` is an already running
-        rollout for this round (overlap scheduling)."""
+        """One round; returns its logged metrics. ``pending`` is this round's collection
+        already under way (overlap/stream scheduling; by default the one this driver
+        prefetched)."""
         cfg = self.cfg
         t_round = time.perf_counter()
         stage_time = 0.0
@@ -862,44 +1122,47 @@ class OnlineDriver:
             self._write_samples(round_idx)
             stage_time += time.perf_counter() - t0
 
-        requests = None
         self._fault_point("rollout", round_idx)
+        prefetched = self._prefetched.pop(round_idx, None)
+        if pending is None and prefetched is not None:
+            pending = prefetched[1]
         if pending is None:
-            requests = self._plan_prompts(round_idx)
-            pending = self._pool.submit(self.rollout, requests, cfg.rollout.samples_per_prompt)
-            staleness = 0
+            data = self.collect(self._plan_prompts(round_idx), round_idx)
+            stage_time += data["metrics"].get("time/collect_s", data["metrics"]["time/rollout_s"])
         else:
-            staleness = 1
-        groups, rollout_metrics = pending.result()
-        stage_time += rollout_metrics["time/rollout_s"] if staleness == 0 else 0.0
+            t0 = time.perf_counter()
+            data = pending.result()  # collected beside the previous round
+            stage_time += time.perf_counter() - t0  # what of it was not hidden
+        # The next rounds' collection runs while this one scores, trains and evaluates.
+        self._prefetch(round_idx)
+        data = self.finish_collect(data, round_idx)
+        groups, audit, judged = data["groups"], data["audit"], data["judged"]
         samples = [s for g in groups for s in g]
+        for k, v in data["metrics"].items():
+            metrics[k] = metrics.get(k, 0) + v if k.startswith(("annotate/", "time/annotate")) and k in metrics else v
+        if cfg.scheduling != "stream":
+            stage_time += metrics["time/score_s"] + metrics["time/annotate_s"]
         # DPA asks a prompt once per direction: count prompts, not requests.
         n_prompts = len({s.prompt_id.split("-d")[0] for s in samples}) if cfg.algorithm == "dpa-rsf" else len(groups)
         self.completed_prompts += n_prompts
-        metrics.update(rollout_metrics)
-        metrics.update({"rollout/prompts": n_prompts, "rollout/samples": len(samples), "rollout/staleness": staleness})
+        metrics.update({"rollout/prompts": n_prompts, "rollout/samples": len(samples),
+                        "rollout/prompts_planned": cfg.rollout.prompts_per_round})
+        staleness = staleness_summary([s.weights_version for s in samples], self.weights_version)
+        metrics.update(staleness)
 
-        next_pending = None
-        self._next_requests = None
-        if cfg.scheduling == "overlap" and round_idx + 1 < self.total_rounds:
-            # Round k+1 samples with the current weights while round k trains.
-            next_requests = self._plan_prompts(round_idx + 1)
-            self._next_requests = next_requests  # checkpointed: a resume re-issues them
-            next_pending = self._pool.submit(self.rollout, next_requests, cfg.rollout.samples_per_prompt)
-        metrics["rollout/prompts_planned"] = cfg.rollout.prompts_per_round
-
-        self._fault_point("score", round_idx)
-        metrics["time/score_s"] = self.score(samples)
-        stage_time += metrics["time/score_s"]
-        audit = [s for s in samples if random.random() < cfg.annotator.fraction]
-        self._fault_point("annotate", round_idx)
-        judged, annotate_metrics = self.annotate(audit) if audit and self.annotators else ([], {"time/annotate_s": 0.0, "annotate/requests": 0, "annotate/failures": 0, "annotate/cost_usd": 0.0})
-        for k, v in annotate_metrics.items():
-            metrics[k] = metrics.get(k, 0) + v if k in metrics else v
-        stage_time += annotate_metrics["time/annotate_s"]
         pairs_rm = [(s, j[1]) for s, j in zip(audit, judged) if j is not None and len(j[1]) == len(s.scores)]
         metrics.update(agreement([s.scores for s, _ in pairs_rm], [j for _, j in pairs_rm], self.aspects))
-        metrics.update(self.update_reward_model(list(zip(audit, judged)), round_idx))
+        rm_job = None
+        if cfg.scheduling == "stream":
+            # The RM fine-tunes on the scorer while the policy trains; it is done before
+            # the round's checkpoint. It sees the RM's own ratings, kept aside here
+            # before the judge's replace them below.
+            judged_rm = [(replace(s, scores=[list(row) for row in s.scores]), j) for s, j in zip(audit, judged)]
+            rm_job = self._stage_pool.submit(self.update_reward_model, judged_rm, round_idx)
+        else:
+            t0 = time.perf_counter()
+            metrics.update(self.update_reward_model(list(zip(audit, judged)), round_idx))
+            stage_time += time.perf_counter() - t0
         if cfg.annotator.judge_overrides_rm:
             for s, judge_scores in pairs_rm:  # the judge's ratings are the better label
                 s.scores = [list(map(float, row)) for row in judge_scores]
@@ -917,28 +1180,42 @@ class OnlineDriver:
         stage_time += sync_s
 
         self._fault_point("eval", round_idx)
-        t0 = time.perf_counter()
-        if round_idx > 0 and self._eval_due(round_idx):  # after this round's training
-            eval_metrics = self.evaluate(round_idx)
-            self._write_samples(round_idx)
-        if round_idx == 0 or self._eval_due(round_idx):
+        evaluating = round_idx > 0 and self._eval_due(round_idx)  # after this round's training
+        if round_idx == 0:
             metrics.update(eval_metrics)
-        metrics["time/eval_s"] = time.perf_counter() - t0
-        stage_time += metrics["time/eval_s"]
-
-        self._fault_point("checkpoint", round_idx)
-        self._count_restarts()
-        metrics["recovery/learner_restarts"] = self.learner_restarts
-        metrics.update({f"recovery/{role}_restarts": n for role, n in self.restarts.items()})
+        metrics["time/eval_s"] = 0.0
         t0 = time.perf_counter()
-        self.checkpoint(round_idx, metrics)
-        metrics["time/checkpoint_s"] = time.perf_counter() - t0
-        stage_time += metrics["time/checkpoint_s"]
+        if cfg.scheduling == "stream":
+            # The engines evaluate and the scorer fine-tunes while the learner ranks write
+            # the checkpoint; the round's metrics (with theirs) go into it last.
+            jobs = [rm_job, self._stage_pool.submit(self._recovery_metrics)]
+            if evaluating:
+                jobs.append(self._pool.submit(self._evaluate_round, round_idx))
+            self._fault_point("checkpoint", round_idx)
+            self.checkpoint(round_idx, metrics, jobs=[j for j in jobs if j is not None])
+        else:
+            if evaluating:
+                metrics.update(self._evaluate_round(round_idx))
+            metrics.update(self._recovery_metrics())
+            self._fault_point("checkpoint", round_idx)
+            self.checkpoint(round_idx, metrics)
+        metrics["time/checkpoint_s"] = time.perf_counter() - t0 - (0.0 if cfg.scheduling == "stream" else metrics["time/eval_s"])
+        stage_time += time.perf_counter() - t0
         metrics["time/round_s"] = time.perf_counter() - t_round
         metrics["time/driver_overhead_s"] = max(0.0, metrics["time/round_s"] - stage_time)
-        row = self._log(metrics)
-        self._pending = next_pending
-        return row
+        return self._log(metrics)
+
+    def _evaluate_round(self, round_idx: int) -> dict:
+        t0 = time.perf_counter()
+        out = self.evaluate(round_idx)
+        self._write_samples(round_idx)
+        out["time/eval_s"] = time.perf_counter() - t0
+        return out
+
+    def _recovery_metrics(self) -> dict:
+        self._count_restarts()
+        return {"recovery/learner_restarts": self.learner_restarts,
+                **{f"recovery/{role}_restarts": n for role, n in self.restarts.items()}}
 
     def train(self, groups: list[list[ScoredSample]]) -> dict:
         """The learner's step of the round, by algorithm: preference pairs (2D-DPO, the
@@ -971,7 +1248,8 @@ class OnlineDriver:
         the segment-credit diagnostic, and records their per-token log-probs under the
         policy the preference rounds start from (``RUN_DIR/credit_probe.json``)."""
         n = min(self.cfg.eval.credit_probe_pairs, len(pairs) // 8)
-        if self._credit_probe is not None or n == 0:
+        # A sequence-mode RM rates whole responses: there are no segment ratings to bin by.
+        if self._credit_probe is not None or n == 0 or self.cfg.scorer.mode == "sequence":
             return pairs
         from twodrl.diagnostics import split_probe_pairs
 
@@ -1002,53 +1280,111 @@ class OnlineDriver:
         return credit_metrics(probe, before, self.learner.segment_logprobs(probe), self.aspects, self.weights)
 
     def _train_dpa(self, groups: list[list[ScoredSample]]) -> dict:
-        from twodrl.dpa import select_winners
+        """DPA-RSF's fine-tune of a round: each (prompt, direction)'s best sample by
+        ``vᵀr`` plus a ``dpa.replay_fraction`` share of the task's own data is this
+        round's selection, kept in ``RUN_DIR/dpa/selected.jsonl``. With
+        ``dpa.restart_from_sft`` the learner goes back to the round-0 policy and is
+        fine-tuned on every round's selection so far; otherwise the last policy is
+        fine-tuned on this round's."""
+        from twodrl.dpa import record_selected, select_winners
         from twodrl.rounds import objective_values
 
         dpa = self.cfg.dpa
         groups = [g for g in groups if g and g[0].prompt_id in self._directions]
         if not groups:
             return {}
+        round_idx = _request_round(groups[0][0].prompt_id)
         n = max(len(g) for g in groups)
         rewards = torch.zeros(len(groups), n, len(dpa.objectives), dtype=torch.float64)
         valid = torch.zeros(len(groups), n, dtype=torch.bool)
         for p, group in enumerate(groups):
             for k, sample in enumerate(group):
                 if sample.segments:
-                    rewards[p, k] = torch.tensor(objective_values(sample, dpa.objectives, self.aspects))
-                    valid[p, k] = True
+                    values = torch.tensor(objective_values(sample, dpa.objectives, self.aspects), dtype=torch.float64)
+                    # A rating the RM could not give (NaN) must not win the argmax.
+                    if torch.isfinite(values).all():
+                        rewards[p, k] = values
+                        valid[p, k] = True
         directions = torch.tensor([self._directions.pop(g[0].prompt_id) for g in groups], dtype=torch.float64)
         winners = select_winners(rewards, directions, valid)
-        examples = [
-            {"prompt": g[int(i)].prompt, "response": g[int(i)].text, "system": g[int(i)].system}
-            for g, i in zip(groups, winners.index.tolist()) if i >= 0
+        rows = [
+            {"kind": "winner", "prompt": g[int(i)].prompt, "response": g[int(i)].text, "system": g[int(i)].system,
+             "history": g[int(i)].history, "direction": d.tolist(), "score": float(sc)}
+            for g, i, d, sc in zip(groups, winners.index.tolist(), directions, winners.score.tolist()) if i >= 0
         ]
+        n_winners = len(rows)
         # Replay a share of the task's original (warm-start) data so fine-tuning on its
         # own samples does not drift away from what the policy could already do; a task
         # without such data replays nothing (said once, in the log).
-        n_replay = round(len(examples) * dpa.replay_fraction / max(1e-9, 1 - dpa.replay_fraction))
+        n_replay = round(n_winners * dpa.replay_fraction / max(1e-9, 1 - dpa.replay_fraction))
         if not self.task.has_replay:
             if n_replay and not getattr(self, "_said_no_replay", False):
                 print(f"[twodrl] dpa: the {self.task.name} task has no warm-start data (task.sft_dataset): "
                       "no replay", flush=True)
                 self._said_no_replay = True
             n_replay = 0
+        # Seeded by round: a redone round (resume, rebuilt learner) replays the same data.
+        self._replay_rng.seed(f"{self.cfg.seed}:dpa-replay:{round_idx}")
         for _ in range(n_replay):
-            examples.append(self.task.replay_example(self._replay_rng))
-        out = self.learner.train_sft(examples, epochs=self.cfg.learner.epochs_per_round)
-        out["train/winners"] = len(examples) - n_replay
+            rows.append(dict(self.task.replay_example(self._replay_rng), kind="replay"))
+        selected = record_selected(self.run_dir / "dpa" / "selected.jsonl", round_idx, rows)
+        train_rows = selected if dpa.restart_from_sft else rows
+        examples = [{k: r[k] for k in ("prompt", "response", "system", "history") if r.get(k) is not None}
+                    for r in train_rows]
+        out: dict[str, Any] = {}
+        if dpa.restart_from_sft and examples:
+            lc = self.cfg.learner
+            per_step = lc.micro_batch_size * lc.grad_accum_steps * lc.num_ranks
+            steps = lc.epochs_per_round * -(-len(examples) // per_step)
+            t0 = time.perf_counter()
+            if not self._dpa_sft_dir().is_dir():  # a run directory from before this option
+                raise RuntimeError(f"dpa.restart_from_sft: no round-0 policy to restart from at {self._dpa_sft_dir()} "
+                                   "(saved by round 0); start a new run or set dpa.restart_from_sft=false")
+            self.learner.reset_to(str(self._dpa_sft_dir()), total_steps=steps)
+            out["time/dpa_restart_s"] = time.perf_counter() - t0
+        out.update(self.learner.train_sft(examples, epochs=self.cfg.learner.epochs_per_round))
+        out["train/winners"] = n_winners
         out["train/replay"] = n_replay
+        out["train/sft_examples"] = len(examples)
+        out["train/restarted"] = int(bool(dpa.restart_from_sft and examples))
         out["train/winner_score"] = float(winners.score[winners.index >= 0].mean()) if (winners.index >= 0).any() else math.nan
         return out
+
+    def _dpa_sft_dir(self) -> Path:
+        """The policy DPA's rounds restart from: the warm-started one
+        (``RUN_DIR/warmstart``), or, when round 0 had no SFT, the initial policy saved by
+        :meth:`warm_start` (``RUN_DIR/dpa/sft``)."""
+        warm = self.run_dir / "warmstart"
+        return warm if warm.is_dir() else self.run_dir / "dpa" / "sft"
+
+    def _take_prompts(self, round_idx: int) -> list[tuple[int, int]]:
+        """The round's prompts as ``(epoch, pool index)``: the next ones of the run's
+        cursor, or with ``dpa.disjoint_prompts`` (DPA-RSF) the round's own part of the
+        pool, one of ``rounds + 1`` disjoint parts."""
+        n = self.cfg.rollout.prompts_per_round
+        if self.cfg.algorithm == "dpa-rsf" and self.cfg.dpa.disjoint_prompts:
+            from twodrl.rounds import part_picks
+
+            part = len(self.train_prompts) // self.total_rounds
+            if n > part and not getattr(self, "_said_small_part", False):
+                print(f"[twodrl] dpa.disjoint_prompts: each round's part holds ~{part} of the "
+                      f"{len(self.train_prompts)} train prompts, fewer than rollout.prompts_per_round={n}: "
+                      "a round asks some prompts more than once", flush=True)
+                self._said_small_part = True
+            return part_picks(len(self.train_prompts), self.total_rounds, round_idx, n, self.cfg.seed)
+        return self.cursor.take(n)
 
     def _write_samples(self, round_idx: int) -> None:
         """Held-out responses of the round with their segment × aspect ratings, to read
         what the policy actually says (``RUN_DIR/samples/round-000K.jsonl``)."""
         out = self.run_dir / "samples" / f"round-{round_idx:04d}.jsonl"
-        atomic_write_text(out, "".join(
-            json.dumps({"id": p.id, "prompt": s.prompt, "history": s.history, "system": s.system, "text": s.text,
-                        "segments": s.segments, "scores": s.scores}) + "\n"
-            for s, p in zip(self.last_eval_samples, self.eval_prompts)))
+        records = [{"id": p.id, "prompt": s.prompt, "history": s.history, "system": s.system, "text": s.text,
+                    "segments": s.segments, "scores": s.scores}
+                   for s, p in zip(self.last_eval_samples, self.eval_prompts)]
+        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
+        # The same rows as a wandb table (a no-op without wandb), at the round's step.
+        if self.logger is not None:
+            self.logger.log_table(EVAL_SAMPLES_KEY, *eval_sample_table(records, self.aspects), step=round_idx)
 
     def _log(self, metrics: dict) -> dict:
         """Called after the round's checkpoint, which also holds the round's metrics: on
@@ -1061,10 +1397,19 @@ class OnlineDriver:
             plot_rewards(self.logger.path, self.run_dir / "plots" / "rewards.png", self.aspects)
         return row
 
-    def checkpoint(self, round_idx: int, metrics: dict | None = None) -> Path:
+    def checkpoint(self, round_idx: int, metrics: dict | None = None, jobs: list[futures.Future] = ()) -> Path:
+        """The round's checkpoint, written to a temporary sibling and renamed: a crash
+        at any point leaves the previous one whole. ``jobs``: the round's work still
+        running on other actors (evaluation, reward-model update); the checkpoint is
+        complete once they are, and their metrics join ``metrics`` before it is saved."""
         final = round_dir(self.run_dir, round_idx)
+        pending = {q: reqs for q, (reqs, _) in sorted(self._prefetched.items()) if q > round_idx}
         with atomic_directory(final) as tmp:
             self.learner.save_checkpoint(str(tmp / "learner"))
+            for job in jobs:
+                out = job.result()
+                if metrics is not None:
+                    metrics.update(out)
             write_driver_state(
                 tmp,
                 {
@@ -1075,11 +1420,11 @@ class OnlineDriver:
                     "weights_version": self.weights_version,
                     "learner_restarts": self.learner_restarts,
                     "restarts": dict(self.restarts),
-                    # Overlap scheduling: next round's prompts are already drawn (the
-                    # cursor includes them); a resumed run samples exactly these.
-                    "pending_requests": getattr(self, "_next_requests", None),
+                    # Overlap/stream scheduling: later rounds' prompts are already drawn
+                    # (the cursor includes them); a resumed run collects exactly these.
+                    "pending_rounds": {str(q): reqs for q, reqs in pending.items()},
                     "pending_directions": {r["id"]: self._directions[r["id"]]
-                                           for r in (getattr(self, "_next_requests", None) or []) if r["id"] in self._directions},
+                                           for reqs in pending.values() for r in reqs if r["id"] in self._directions},
                     # The round's metrics so far: a crash after this rename but before
                     # the metrics line is written must not lose the round's line.
                     "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str, type(None)))},
@@ -1094,7 +1439,10 @@ class OnlineDriver:
         aspects = " ".join(
             f"{a[:5]}={row[f'eval/reward/{a}']:.2f}" for a in self.aspects if isinstance(row.get(f"eval/reward/{a}"), (int, float))
         )
-        print(f"[round {row['round']}] " + "  ".join(cells) + f"\n          eval per aspect: {aspects}", flush=True)
+        # Bars cleared first and redrawn below: a plain print would land on the rounds
+        # bar's row, after it.
+        with tqdm.external_write_mode():
+            print(f"[round {row['round']}] " + "  ".join(cells) + f"\n          eval per aspect: {aspects}", flush=True)
 
     # ------------------------------------------------------------------ run
 
@@ -1102,17 +1450,22 @@ class OnlineDriver:
     def total_rounds(self) -> int:
         return self.cfg.rounds + 1  # round 0 (warm start) + the online rounds
 
+    def _collect_resumed(self) -> None:
+        """Collect again the rounds a checkpoint recorded as prefetched, with the same
+        prompts (each re-issued exactly once)."""
+        for q, requests in sorted((getattr(self, "_resume_requests", None) or {}).items()):
+            if q < self.total_rounds and q not in self._prefetched:
+                self._prefetched[q] = (requests, self._pool.submit(self.collect, requests, q))
+        self._resume_requests = None
+
     def run(self) -> list[dict]:
         rows = []
-        self._pending = None
-        resume_requests = getattr(self, "_resume_requests", None)
-        if resume_requests and self.next_round < self.total_rounds:
-            self._pending = self._pool.submit(self.rollout, resume_requests, self.cfg.rollout.samples_per_prompt)
+        self._collect_resumed()
         bar = tqdm(total=self.total_rounds, initial=self.next_round, desc="rounds", disable=not self.progress)
         r = self.next_round
         while r < self.total_rounds:
             try:
-                rows.append(self.run_round(r, pending=self._pending))
+                rows.append(self.run_round(r))
             except JudgeBudgetExhausted:
                 raise
             except Exception as e:  # noqa: BLE001 - re-raised unless it is a learner failure
@@ -1140,3 +1493,4 @@ class OnlineDriver:
             self._stop_judge()
             self._stop_judge = None
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._stage_pool.shutdown(wait=False, cancel_futures=True)

@@ -61,8 +61,9 @@ def _round_dirs(run_dir: Path) -> dict[int, Path]:
 def resolve_checkpoint(path: str, round_idx: Optional[int] = None) -> str:
     """The policy directory to load for ``path``: a Hugging Face directory as is; a run
     directory's round ``round_idx`` (default: the newest) as its checkpoint's
-    ``learner/policy``; anything that is not a directory (``tiny:policy``, a hub name)
-    unchanged, for the model loaders to resolve."""
+    ``learner/policy`` (a LoRA run's adapter, merged once into ``RUN_DIR/merged/``);
+    anything that is not a directory (``tiny:policy``, a hub name) unchanged, for the
+    model loaders to resolve."""
     from actors.learner import HF_SUBDIR
 
     p = Path(path)
@@ -80,6 +81,16 @@ def resolve_checkpoint(path: str, round_idx: Optional[int] = None) -> str:
             raise EvalError(f"{path}: no checkpoint of round {k}; kept rounds: {sorted(rounds)} "
                             "(logging.keep_checkpoints keeps only the newest)")
         policy = rounds[k] / "learner" / HF_SUBDIR
+        if not (policy / "config.json").is_file() and (policy.parent / "adapter").is_dir():
+            # learner.lora checkpoints hold the adapter (and any folds), not a full model:
+            # merge it once into RUN_DIR/merged/round-NNNN, outside the checkpoint.
+            merged = p / "merged" / rounds[k].name
+            if not (merged / "config.json").is_file():
+                from twodrl.models.lora import merge_checkpoint
+
+                print(f"[twodrl] eval: merging round {k}'s LoRA adapter into {merged}", flush=True)
+                merge_checkpoint(policy.parent, merged)
+            return str(merged)
         if not (policy / "config.json").is_file():
             raise EvalError(f"{path}: round {k}'s checkpoint has no policy at {policy}")
         return str(policy)

@@ -36,6 +36,9 @@ def run_parser(prog: str, description: str, config_help: str, resume_help: str) 
     parser.add_argument("--overwrite", action="store_true",
                         help="start a new run in a --run-dir that holds one; the old run is moved to "
                              "RUN_DIR/.previous-<time>/, not deleted")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the engines' logs (vLLM, DeepSpeed, Ray workers) in the terminal instead of "
+                             "RUN_DIR/logs/<actor>.log")
     return parser
 
 
@@ -106,11 +109,18 @@ def main(argv: list[str] | None = None, prog: str = "twodrl run") -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if cfg.learner.num_gpus_per_rank == 0 else "cuda")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-    from jobs.driver import JudgeBudgetExhausted, OnlineDriver, RunStopped
+    from jobs.driver import JudgeBudgetExhausted, OnlineDriver, RunStopped, quiet_driver_loggers
 
-    driver = OnlineDriver(cfg, run_dir, resume=args.resume, task=task)
+    quiet_driver_loggers(args.verbose)
+    if not args.verbose:
+        print(f"[twodrl] actor logs: {run_dir / 'logs'}/<actor>.log (--verbose shows them here)", flush=True)
+    driver = OnlineDriver(cfg, run_dir, resume=args.resume, task=task, verbose=args.verbose)
     try:
-        driver.setup()
+        try:
+            driver.setup()
+        except Exception as e:
+            _print_actor_logs(run_dir, e, args.verbose)
+            raise
         rows = driver.run()
     except JudgeBudgetExhausted as e:
         print(f"[twodrl] stopped: {e}", file=sys.stderr)
@@ -126,6 +136,19 @@ def main(argv: list[str] | None = None, prog: str = "twodrl run") -> int:
         print(f"[twodrl] done: {len(rows)} round(s) in {run_dir}; last eval/reward/weighted = {last.get('eval/reward/weighted')}")
     print(f"[twodrl] metrics: {run_dir / 'metrics.jsonl'}  plot: {run_dir / 'plots' / 'rewards.png'}")
     return 0
+
+
+def _print_actor_logs(run_dir: Path, error: BaseException, verbose: bool) -> None:
+    """An actor that died while the job was starting (a vLLM engine killed for memory,
+    a segfault) leaves no traceback: show the end of its log, which the terminal did
+    not see."""
+    if verbose:
+        return
+    from jobs.driver import actor_log_tails
+
+    tails = actor_log_tails(run_dir / "logs", error)
+    if tails:
+        print(tails, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,10 @@ group of the online job. The run directory holds:
   reference_logps/{train,eval}.safetensors   reference log-probs computed once
       (``train.precompute_reference``)
   checkpoints/round-NNNN/   every ``train.save_every_steps`` (NNNN = optimizer step):
-      DeepSpeed state (optimizer, scheduler), the HF policy, the step and RNG states
-  final/   the trained policy in Hugging Face format (safetensors + tokenizer)
+      DeepSpeed state (optimizer, scheduler), the HF policy (with ``learner.lora``: the
+      adapter only), the step and RNG states
+  final/   the trained policy in Hugging Face format (safetensors + tokenizer); with
+      ``learner.lora`` the merged weights, and the adapter alone in final/adapter/
 
 ``--resume`` continues from the newest checkpoint with the same data order, so a run
 killed at any point ends with the same weights as one that never stopped.
@@ -32,7 +34,8 @@ from twodrl.config import ConfigError, OfflineConfig, load_config
 # top of twodrl.rundir's own list): the data, the step plan and the losses' inputs.
 OFFLINE_BLOCKING = ("data", "train.epochs", "train.max_steps", "train.precompute_reference",
                     "learner.micro_batch_size", "learner.grad_accum_steps", "learner.num_ranks",
-                    "learner.lr", "learner.lr_schedule", "learner.warmup_ratio", "learner.sft_coef")
+                    "learner.lr", "learner.lr_schedule", "learner.warmup_ratio", "learner.sft_coef",
+                    "learner.lora")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None, prog: str = "twodrl train") -> int:
             train, held, info = load_offline_data(cfg)
         except DataError as e:
             raise ConfigError(str(e)) from None
-        if cfg.algorithm in ("tdpo1", "tdpo2") and not cfg.learner.colocate_reference:
+        # (With learner.lora every rank holds the reference: its own base weights.)
+        if cfg.algorithm in ("tdpo1", "tdpo2") and not cfg.learner.colocate_reference and not cfg.learner.lora.enabled:
             raise ConfigError(f"{args.config}: algorithm {cfg.algorithm} needs the reference's full distribution on "
                               "every rank: set learner.colocate_reference=true")
     except (ConfigError, ValueError, FileNotFoundError) as e:
@@ -94,10 +98,19 @@ def main(argv: list[str] | None = None, prog: str = "twodrl train") -> int:
     for line in log:
         print(f"[twodrl] {line}")
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if cfg.learner.num_gpus_per_rank == 0 else "cuda")
-    trainer = OfflineTrainer(cfg, run_dir, train, held, info, resume=args.resume)
+    from jobs.driver import quiet_driver_loggers
+    from jobs.online import _print_actor_logs
+
+    quiet_driver_loggers(args.verbose)
+    if not args.verbose:
+        print(f"[twodrl] actor logs: {run_dir / 'logs'}/<actor>.log (--verbose shows them here)", flush=True)
+    trainer = OfflineTrainer(cfg, run_dir, train, held, info, resume=args.resume, verbose=args.verbose)
     try:
         trainer.setup()
         final = trainer.run()
+    except Exception as e:
+        _print_actor_logs(run_dir, e, args.verbose)  # a learner rank that died says why in its log
+        raise
     finally:
         trainer.shutdown()
         lock.release()
@@ -111,7 +124,7 @@ class OfflineTrainer:
     checkpoints and metrics; the learner group does the math."""
 
     def __init__(self, cfg: OfflineConfig, run_dir: Path, train: list[dict], held: list[dict], info: dict,
-                 resume: bool = False):
+                 resume: bool = False, verbose: bool = False):
         from twodrl.offline import StepPlan, records_fingerprint, to_run_config
 
         self.cfg = cfg
@@ -119,6 +132,7 @@ class OfflineTrainer:
         self.run_dir = Path(run_dir)
         self.train, self.held, self.info = train, held, info
         self.resume = resume
+        self.verbose = verbose  # False: learner output goes to RUN_DIR/logs/<actor>.log
         lc = cfg.learner
         self.plan = StepPlan(len(train), lc.num_ranks, lc.micro_batch_size, lc.grad_accum_steps, cfg.train.epochs,
                              cfg.train.max_steps, cfg.seed)
@@ -146,7 +160,7 @@ class OfflineTrainer:
         if not (self.resume and (self.run_dir / "config.yaml").exists()):
             dump_config(self.cfg, self.run_dir / "config.yaml")
         namespace = f"twodrl-{self.cfg.run_name}"
-        address = connect_ray(self.run_cfg, namespace=namespace)
+        address = connect_ray(self.run_cfg, namespace=namespace, log_dir=None if self.verbose else self.run_dir / "logs")
         (self.run_dir / "ray.json").write_text(json.dumps({"address": address, "namespace": namespace,
                                                            "run_name": self.cfg.run_name}, indent=2))
         from actors.learner import PolicyLearnerGroup

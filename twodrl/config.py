@@ -174,8 +174,9 @@ class RolloutConfig:
 @dataclass
 class ScorerConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(path="tiny:reward"))
-    # "auto": vLLM's pooling runner on GPU when the run never trains the RM, else the
-    # HF model (training needs its weights; CPU always uses it). See resolved_backend.
+    # "auto": vLLM's pooling runner on GPU when the run never trains the RM and the RM is
+    # a segment one, else the HF model (training needs its weights; CPU always uses it).
+    # See resolved_backend.
     backend: Literal["auto", "hf", "vllm"] = "auto"
     num_workers: int = ranged(1, 1)
     batch_size: int = ranged(16, 1)
@@ -205,6 +206,18 @@ class ScorerConfig:
     update_every_rounds: int = ranged(0, 0)
     update_epochs: int = ranged(3, 1)  # epochs over the gathered judge-rated samples per update
     update_lr: Optional[float] = ranged(None, 0, 1, "(]")  # None: train_lr
+    # Reward-model training on a group of DeepSpeed ranks (`twodrl train-rm`, and the
+    # online updates): 1 trains in one process; N > 1 starts ranks `rm_learner-<i>`
+    # that split every train_batch_size batch N ways (same loss curve as one process).
+    train_ranks: int = ranged(1, 1)
+    train_zero_stage: Literal[0, 1, 2, 3] = 2
+    train_num_gpus_per_rank: float = ranged(0.0, 0)
+    train_num_cpus_per_rank: float = ranged(0.25, 0)
+    # Each rank's share of a batch is cut into micro-batches of at most this many
+    # responses (gradient accumulation); None: the whole share in one micro-batch.
+    train_micro_batch_size: Optional[int] = ranged(None, 1)
+    train_bf16: bool = False  # bf16 compute on GPU (ignored on CPU)
+    train_gradient_checkpointing: bool = False
 
     def resolved_backend(self) -> str:
         """The backend the scorer actors really run: ``auto`` is vLLM on GPU unless the
@@ -212,7 +225,8 @@ class ScorerConfig:
         if self.backend != "auto":
             return self.backend
         trains = self.rm_train_responses > 0 or self.update_every_rounds > 0
-        return "vllm" if self.num_gpus > 0 and not trains else "hf"
+        # The vLLM path reads per-token outputs of a token-classification RM only.
+        return "vllm" if self.num_gpus > 0 and not trains and self.mode == "segment" else "hf"
 
 
 @dataclass
@@ -241,6 +255,25 @@ class AnnotatorConfig:
     max_completion_tokens: Optional[int] = ranged(None, 1)  # sent as max_tokens; None: server default
     price_input_per_mtok: Optional[float] = ranged(None, 0)  # USD per 1M tokens; None: pricing table
     price_output_per_mtok: Optional[float] = ranged(None, 0)
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (peft) on the policy, trained instead of the full weights; off
+    while ``r`` is 0. The reference is then the base model with the adapter switched
+    off (no second copy), rollouts get the merged weights, checkpoints hold the adapter.
+    """
+
+    r: int = ranged(0, 0, 4096)  # adapter rank; 0: LoRA off (full fine-tuning)
+    alpha: float = ranged(16.0, 0, None, "()")  # the update is scaled by alpha / r
+    dropout: float = ranged(0.0, 0, 1, "[)")
+    # Module names (suffixes) that get an adapter; ["all-linear"]: every linear layer but
+    # the output head.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
 
 
 @dataclass
@@ -288,6 +321,7 @@ class LearnerConfig:
     colocate_reference: bool = True
     bf16: bool = False
     gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -297,6 +331,14 @@ class DPAConfig:
     replay_fraction: float = ranged(0.15, 0, 1, "[)")  # the driver divides by 1 - fraction
     angle_low: float = ranged(-math.pi / 4, -math.pi, math.pi)  # < angle_high (validate_run_config)
     angle_high: float = ranged(0.0, -math.pi, math.pi)
+    # Each round fine-tunes the round-0 policy (after any warm-start SFT), weights,
+    # optimizer and a fresh lr schedule, on every example selected so far (all rounds'
+    # winners and replay, RUN_DIR/dpa/selected.jsonl), instead of fine-tuning the last
+    # policy on this round's winners only; rollouts still sample from the last policy.
+    restart_from_sft: bool = True
+    # Round k draws its prompts only from the k-th of (rounds + 1) seeded disjoint parts
+    # of the train prompts, so no round samples a prompt an earlier round trained on.
+    disjoint_prompts: bool = False
 
 
 @dataclass
@@ -336,7 +378,13 @@ class RunConfig:
         "2d-dpo", "1d-dpo", "dpo", "ipo", "kto", "orpo", "simpo", "tdpo1", "tdpo2", "appo", "dpa-rsf",
         "adpo", "ars",
     ] = "2d-dpo"
-    scheduling: Literal["sync", "overlap"] = "sync"
+    # sync: stage after stage. overlap: the next round's rollout runs while this round
+    # scores, annotates and trains. stream: samples flow rollout → score → judge per
+    # prompt as they finish, and the next rounds' whole collection runs beside training.
+    scheduling: Literal["sync", "overlap", "stream"] = "sync"
+    # stream: how many weight versions older than the learner's a training sample may be
+    # (0: exactly on-policy, only the stages of one round overlap).
+    max_staleness: int = ranged(1, 0, 8)
     run_name: Optional[str] = None
     policy: ModelConfig = field(default_factory=ModelConfig)
     reference: Optional[ModelConfig] = None  # None: a frozen copy of the policy
@@ -816,6 +864,37 @@ def validate_run_config(cfg: RunConfig, source: str = "<config>", where: Optiona
             f"{at('scorer.backend', 'scorer.rm_train_responses', 'scorer.update_every_rounds')}: scorer.backend=vllm "
             f"cannot train the reward model (scorer.rm_train_responses={sc.rm_train_responses}, "
             f"scorer.update_every_rounds={sc.update_every_rounds}); use backend hf or auto, or set both to 0"
+        )
+    if sc.train_ranks > 1 and sc.train_zero_stage == 3 and sc.lm_loss_coef > 0:
+        # The LM regulariser reads the embedding matrix outside a module call, where
+        # ZeRO-3 holds only this rank's partition of it.
+        raise ConfigError(
+            f"{at('scorer.lm_loss_coef', 'scorer.train_zero_stage')}: scorer.lm_loss_coef > 0 needs "
+            f"scorer.train_zero_stage ≤ 2 when scorer.train_ranks > 1; set one of them"
+        )
+    lora = cfg.learner.lora
+    if lora.enabled:
+        targets = [t for t in lora.target_modules if t.strip()]
+        if not targets or len(targets) != len(lora.target_modules):
+            raise ConfigError(f"{at('learner.lora.target_modules', 'learner.lora.r')}: learner.lora.target_modules "
+                              f"must name at least one module and no empty names when learner.lora.r > 0, "
+                              f"got {lora.target_modules}")
+        if "all-linear" in targets and len(targets) > 1:
+            raise ConfigError(f"{at('learner.lora.target_modules')}: learner.lora.target_modules: 'all-linear' "
+                              f"stands alone, got {lora.target_modules}")
+        if cfg.learner.zero_stage == 3:
+            # The merged export and the adapter-off reference need each adapted layer's
+            # full base weight next to its adapter; ZeRO-3 shards the frozen base weights
+            # too, and the adapter alone is too small to be worth partitioning.
+            raise ConfigError(f"{at('learner.zero_stage', 'learner.lora.r')}: learner.lora needs "
+                              "learner.zero_stage 0, 1 or 2 (ZeRO-3 is not supported with LoRA)")
+        if cfg.reference is not None:
+            raise ConfigError(f"{at('reference', 'learner.lora.r')}: with learner.lora the reference is the "
+                              "policy's base weights with the adapter off; remove the reference section")
+    if sc.backend == "vllm" and sc.num_gpus > 0 and sc.mode == "sequence":
+        raise ConfigError(
+            f"{at('scorer.backend', 'scorer.mode')}: scorer.backend=vllm serves token-classification (segment) "
+            "reward models only; use backend hf or auto with scorer.mode=sequence"
         )
     models = [("policy", cfg.policy), ("reference", cfg.reference), ("scorer.model", cfg.scorer.model)]
     for name, model in models:

@@ -9,8 +9,10 @@ prompt), keeps the one with the highest ``vᵀ r`` and fine-tunes on it.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
@@ -189,6 +191,36 @@ def select_winners(rewards: Tensor, directions: Tensor, valid: Optional[Tensor] 
     return Winners(idx, best, scores)
 
 
+# --------------------------------------------------------------------------- selected data
+
+
+def read_selected(path: str | Path) -> list[dict]:
+    """The rows of a selected-data file (``RUN_DIR/dpa/selected.jsonl``); none when it
+    does not exist yet."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def record_selected(path: str | Path, round_idx: int, rows: Sequence[dict]) -> list[dict]:
+    """Store round ``round_idx``'s selected ``rows`` (each gets ``"round"``) after the
+    rows of earlier rounds, and return every row of rounds ≤ ``round_idx``.
+
+    Rows of this round or later found in the file are the remains of an attempt that
+    never reached its checkpoint (a crash, a resume, a rebuilt learner); they are
+    replaced, so a redone round never counts its data twice. The file is rewritten
+    whole and atomically: a crash leaves the old or the new file, never half of one.
+    """
+    from twodrl.checkpoint import atomic_write_text
+
+    kept = [r for r in read_selected(path) if int(r["round"]) < round_idx]
+    rows = kept + [dict(r, round=round_idx) for r in rows]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
 __all__ = [
     "Winners",
     "best_of_n",
@@ -197,6 +229,8 @@ __all__ = [
     "direction_system_prompt",
     "direction_weights",
     "parse_direction_system_prompt",
+    "read_selected",
+    "record_selected",
     "sample_directions",
     "select_winners",
 ]

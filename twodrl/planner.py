@@ -64,7 +64,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 GIB = float(2**30)
 
@@ -101,6 +101,15 @@ class Architecture:
         attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.qkv_bias else 0)
         mlp = 3 * h * i  # gate, up, down
         return attn + mlp + 2 * h  # two RMSNorm weights
+
+    def lora_params(self, r: int, target_modules: Sequence[str]) -> int:
+        """Adapter parameters of rank ``r`` on the decoder's linear layers that
+        ``target_modules`` names (``all-linear``: every one): ``r × (in + out)`` each."""
+        h, q, kv, i = self.hidden_size, self.num_heads * self.head_size, self.kv_size, self.intermediate_size
+        shapes = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                  "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        names = set(shapes) if "all-linear" in target_modules else {t.rsplit(".", 1)[-1] for t in target_modules}
+        return r * self.num_layers * sum(a + b for name, (a, b) in shapes.items() if name in names)
 
     def num_params(self, lm_head: bool = True, value_outputs: int = 0) -> int:
         """Parameter count. ``lm_head=False`` with ``value_outputs=A`` is a reward model
@@ -312,15 +321,18 @@ def learner_memory(cfg: Any, arch: Architecture, ref_arch: Optional[Architecture
         p_b, g_b, o_b = 2, 2, 12
     else:
         p_b, g_b, o_b = 4, 4, 8
+    # LoRA: gradients and optimizer states of the adapter only; no reference copy (the
+    # base weights with the adapter off are the reference).
+    trained = arch.lora_params(lc.lora.r, lc.lora.target_modules) if lc.lora.enabled else psi
     mem = {
-        "params": _gib(p_b * psi / (n if stage >= 3 else 1)),
-        "grads": _gib(g_b * psi / (n if stage >= 2 else 1)),
-        "optim": _gib(o_b * psi / (n if stage >= 1 else 1)),
+        "params": _gib(p_b * psi / (n if stage >= 3 else 1) + (p_b * trained if lc.lora.enabled else 0)),
+        "grads": _gib(g_b * trained / (n if stage >= 2 else 1)),
+        "optim": _gib(o_b * trained / (n if stage >= 1 else 1)),
     }
     if stage >= 3:
         mem["gather"] = _gib(p_b * min(psi, 1e9))
     mem["activations"] = opts.activation_gb if opts.activation_gb is not None else learner_activation_gb(cfg, arch)
-    if lc.colocate_reference and ref_arch is not None:
+    if lc.colocate_reference and ref_arch is not None and not lc.lora.enabled:
         # The frozen reference is held in the training precision (bf16, or fp32 without it).
         mem["reference"] = _gib((2 if lc.bf16 else 4) * ref_arch.num_params() / (n if stage >= 3 else 1))
     mem["runtime"] = opts.overhead_gb
@@ -358,6 +370,30 @@ def rollout_memory(cfg: Any, arch: Architecture, gpu_gb: float, opts: PlanOption
     kv = budget - weights - runtime
     tokens = max(kv, 0.0) * GIB / arch.kv_bytes_per_token(tp)
     return {"weights": weights, "runtime": runtime, "kv_cache": max(kv, 0.0)}, tokens
+
+
+def rm_learner_memory(cfg: Any, arch: Architecture, opts: PlanOptions) -> dict[str, float]:
+    """Per-GPU GiB of one reward-model trainer rank (``scorer.train_*``): the learner's
+    ZeRO arithmetic over the RM's parameters (backbone + aspect head), activations of
+    one micro-batch of responses at ``scorer.model.max_length`` tokens."""
+    sc = cfg.scorer
+    n = sc.train_ranks
+    psi = arch.num_params(lm_head=False, value_outputs=len(cfg.aspects.names))
+    stage = sc.train_zero_stage
+    p_b, g_b, o_b = (2, 2, 12) if sc.train_bf16 else (4, 4, 8)
+    mem = {
+        "params": _gib(p_b * psi / (n if stage >= 3 else 1)),
+        "grads": _gib(g_b * psi / (n if stage >= 2 else 1)),
+        "optim": _gib(o_b * psi / (n if stage >= 1 else 1)),
+    }
+    if stage >= 3:
+        mem["gather"] = _gib(p_b * min(psi, 1e9))
+    micro = sc.train_micro_batch_size or math.ceil(sc.train_batch_size / max(n, 1))
+    body, head = activation_bytes_per_token(arch, sc.train_gradient_checkpointing)
+    # The aspect head reads a few positions; only the LM regulariser has a vocab-wide head.
+    mem["activations"] = _gib(micro * sc.model.max_length * (body + (head if sc.lm_loss_coef > 0 else 0)))
+    mem["runtime"] = opts.overhead_gb
+    return mem
 
 
 def scorer_memory(cfg: Any, arch: Architecture, opts: PlanOptions) -> dict[str, float]:
@@ -449,7 +485,9 @@ def build_actors(cfg: Any, cluster: Cluster, opts: PlanOptions, problems: list[s
         f"ZeRO-{lc.zero_stage} over {lc.num_ranks} rank{'s' if lc.num_ranks != 1 else ''}, micro-batch {lc.micro_batch_size}"
         f"×{sequences_per_example(cfg.algorithm)} seq × {cfg.policy.max_length} tok, grad ckpt {ckpt}"
     )
-    if lc.colocate_reference and ref_arch is not None:
+    if lc.lora.enabled:
+        detail += f", LoRA r={lc.lora.r} (the reference is the base, adapter off)"
+    elif lc.colocate_reference and ref_arch is not None:
         detail += ", reference colocated"
     for r in range(lc.num_ranks):
         bundles, rshare, cpus = ray_request(cfg, "learner", r)
@@ -510,6 +548,21 @@ def build_actors(cfg: Any, cluster: Cluster, opts: PlanOptions, problems: list[s
     for w in range(sc.num_workers):
         bundles, wshare, cpus = ray_request(cfg, "scorer", w)
         actors.append(Actor(f"scorer-{w}", "scorer", bundles, wshare, cpus, dict(smem) if bundles else {}, sdetail))
+
+    # Reward-model trainer ranks (scorer.train_ranks > 1: `twodrl train-rm` and the
+    # online RM updates run them as their own DeepSpeed group).
+    rm_ranks = role_resources(cfg, "rm_learner").count
+    if rm_ranks:
+        share = _share(sc.train_num_gpus_per_rank, "scorer.train_num_gpus_per_rank", problems)
+        rm_mem = rm_learner_memory(cfg, scorer_arch, opts) if share > 0 else {}
+        rm_detail = (
+            f"RM training, ZeRO-{sc.train_zero_stage} over {rm_ranks} ranks, batch {sc.train_batch_size} × "
+            f"{sc.model.max_length} tok, grad ckpt {'on' if sc.train_gradient_checkpointing else 'off'}"
+        )
+        for r in range(rm_ranks):
+            bundles, rshare, cpus = ray_request(cfg, "rm_learner", r)
+            actors.append(Actor(f"rm_learner-{r}", "rm_learner", bundles, rshare, cpus,
+                                dict(rm_mem) if bundles else {}, rm_detail))
 
     # Annotation pool and driver: CPU only.
     judge = ac.base_url or "local judge server"
@@ -584,7 +637,8 @@ def place(actors: list[Actor], cluster: Cluster, problems: list[str]) -> None:
         cpu_free[node] -= a.cpus
         a.node = node
     fields = {"learner": "learner.num_cpus_per_rank", "reference": "learner.num_cpus_per_rank",
-              "rollout": "rollout.num_cpus", "scorer": "scorer.num_cpus", "annotator": "annotator.num_cpus"}
+              "rollout": "rollout.num_cpus", "scorer": "scorer.num_cpus", "annotator": "annotator.num_cpus",
+              "rm_learner": "scorer.train_num_cpus_per_rank"}
     for n, c in enumerate(cpu_free):
         if c < -eps:
             roles = sorted({a.role for a in actors if a.node == n and a.cpus > 0})
@@ -647,6 +701,8 @@ def _advice(role: str, cfg: Any) -> str:
         "reference": "raise learner.zero_stage to 3 to partition it",
         "rollout": "raise rollout.tensor_parallel_size",
         "scorer": "raise scorer.tensor_parallel_size or lower scorer.batch_size",
+        "rm_learner": "raise scorer.train_zero_stage or scorer.train_ranks, turn on scorer.train_gradient_checkpointing "
+                      "or lower scorer.train_micro_batch_size",
     }.get(role, "use GPUs with more memory")
 
 

@@ -59,6 +59,36 @@ class PromptCursor:
         return cls(**state)
 
 
+def disjoint_parts(pool_size: int, parts: int, seed: int) -> list[list[int]]:
+    """The pool's indices in ``parts`` disjoint sets of near-equal size (sizes differ by
+    at most one), after one seeded shuffle: the same seed always gives the same split."""
+    if parts < 1:
+        raise ValueError(f"disjoint_parts: need ≥ 1 part, got {parts}")
+    if pool_size < parts:
+        raise ValueError(f"disjoint_parts: {pool_size} prompts cannot fill {parts} disjoint parts")
+    order = list(range(pool_size))
+    random.Random(f"{seed}:parts:{parts}").shuffle(order)
+    base, extra = divmod(pool_size, parts)
+    out, start = [], 0
+    for k in range(parts):
+        size = base + (1 if k < extra else 0)
+        out.append(order[start : start + size])
+        start += size
+    return out
+
+
+def part_picks(pool_size: int, parts: int, part: int, n: int, seed: int) -> list[tuple[int, int]]:
+    """``n`` prompts of part ``part`` (of :func:`disjoint_parts`) as ``(epoch, pool
+    index)``, in the order of a :class:`PromptCursor` over that part alone. A function of
+    its arguments only: a resumed or redone round draws the same prompts with no cursor
+    state to restore. ``n`` larger than the part cycles through it again (next epoch)."""
+    if not 0 <= part < parts:
+        raise ValueError(f"part_picks: part {part} is not in [0, {parts})")
+    members = disjoint_parts(pool_size, parts, seed)[part]
+    cursor = PromptCursor(len(members), seed=seed * 1_000_003 + part)
+    return [(epoch, members[i]) for epoch, i in cursor.take(n)]
+
+
 # ------------------------------------------------------------------------------- pairs
 
 
@@ -75,6 +105,7 @@ class ScoredSample:
     system: str | None = None
     token_ids: list[int] | None = None
     logprobs: list[float] | None = None
+    weights_version: int | None = None  # of the policy that generated it (staleness)
 
 
 def sample_rating(sample: ScoredSample, weights: Sequence[float], aspects: Sequence[str]) -> tuple[float, list[float]]:
@@ -173,3 +204,35 @@ def agreement(
                 if min(4, max(0, round(mrow[j]))) == round(jrow[j]):
                     hits[j] += 1
     return {f"rm/agreement/{a}": (hits[j] / total if total else math.nan) for j, a in enumerate(aspects)}
+
+
+# ----------------------------------------------------------------------------- scheduling
+
+
+def audited(seed: int, round_idx: int, request_id: str, k: int, fraction: float) -> bool:
+    """Whether the judge rates sample ``k`` of request ``request_id``: a seeded draw of
+    its own, so the audit is the same whatever order samples finish in (stream
+    scheduling scores them as they arrive) and a resumed round audits the same ones."""
+    if fraction <= 0:
+        return False
+    return random.Random(f"audit:{seed}:{round_idx}:{request_id}:{k}").random() < fraction
+
+
+def staleness_summary(versions: Sequence[int | None], learner_version: int) -> dict[str, float]:
+    """``rollout/staleness_mean`` and ``_max``: how many weight versions behind the
+    learner's (the one it trains from) the samples were generated; 0 is on-policy."""
+    lags = [max(0, learner_version - v) for v in versions if v is not None]
+    return {
+        "rollout/staleness_mean": sum(lags) / len(lags) if lags else 0.0,
+        "rollout/staleness_max": float(max(lags)) if lags else 0.0,
+    }
+
+
+def rounds_to_prefetch(round_idx: int, total_rounds: int, max_staleness: int, launched: Sequence[int]) -> list[int]:
+    """Rounds whose collection (rollout, scoring, judging) may start once round
+    ``round_idx``'s samples are in and before it trains: up to ``max_staleness`` rounds
+    ahead. Each round's training and sync moves the weights on by one version, so a
+    sample of round ``round_idx + j`` drawn now is at most ``j`` versions old when it
+    is trained on."""
+    return [q for q in range(round_idx + 1, min(total_rounds, round_idx + 1 + max_staleness)) if q not in launched]
+

@@ -56,6 +56,7 @@ BLOCKING_FIELDS = (
     "scorer.model",
     "aspects",
     "learner.beta",
+    "learner.lora",  # adapter-only checkpoints load only into the same adapter shape
     "dpa",
     "task",
     "seed",

@@ -80,6 +80,29 @@ def wandb_mode(env: dict | None = None) -> str:
     return env.get("WANDB_MODE") or ("online" if env.get("WANDB_API_KEY") else "offline")
 
 
+EVAL_SAMPLES_KEY = "eval/samples"
+
+
+def _ratings_text(values: Iterable[float]) -> str:
+    return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
+
+
+def eval_sample_table(records: Sequence[dict], aspects: Sequence[str]) -> tuple[list[str], list[list]]:
+    """Columns and rows of the held-out samples table: per sample its id, prompt,
+    response, the segments (JSON list) and, per aspect, the segment ratings in segment
+    order (``"[3, 4, 2]"``; text, so responses of any length share one column type).
+    ``records`` are the lines of ``RUN_DIR/samples/round-K.jsonl`` (``scores`` is
+    segment × aspect)."""
+    columns = ["id", "prompt", "response", "segments", *aspects]
+    rows = []
+    for r in records:
+        scores = r.get("scores") or []
+        per_aspect = [_ratings_text(seg[k] for seg in scores if k < len(seg)) for k in range(len(aspects))]
+        rows.append([str(r.get("id", "")), r.get("prompt") or "", r.get("text") or "",
+                     json.dumps(list(r.get("segments") or [])), *per_aspect])
+    return columns, rows
+
+
 class MetricsLogger:
     def __init__(
         self,
@@ -133,6 +156,16 @@ class MetricsLogger:
         for sink in self.sinks:
             sink(row)
         return row
+
+    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:
+        """One table (e.g. the held-out samples of an eval) to wandb under ``key`` at
+        ``step`` (the round). metrics.jsonl keeps numbers only, and the same rows are
+        already in the run directory, so without wandb this does nothing."""
+        if self._wandb is None:
+            return
+        import wandb
+
+        self._wandb.log({key: wandb.Table(columns=list(columns), data=[list(r) for r in rows])}, step=int(step))
 
     def finish(self) -> None:
         if self._wandb is not None:

@@ -89,7 +89,9 @@ def build(aspects: tuple[str, ...] = DEFAULT_ASPECTS) -> dict:
                          0, y, unit="percentunit", minmax=(0, 1),
                          description="Share of audited segments where the rounded reward-model score equals the judge's."))
     panels.append(_panel(next(ids), "Round", [series("round")], 12, y, w=4, kind="stat"))
-    panels.append(_panel(next(ids), "Rollout staleness (rounds off-policy)", [series("rollout/staleness")], 16, y, w=8))
+    panels.append(_panel(next(ids), "Rollout staleness (weight versions behind the learner)",
+                         [series("rollout/staleness_mean", "mean · {{run}}"), series("rollout/staleness_max", "max · {{run}}")],
+                         16, y, w=8))
     y += 8
 
     panels.append(_row(next(ids), "Training", y))

@@ -46,22 +46,24 @@ def make_driver_class():
 
     class WatchedDriver(OnlineDriver):
         """The real driver, plus two observations for the test: when the on-policy
-        rollout of ``KILL_ROUND`` starts, and the state of ``rollout-0`` right after it
-        returned."""
+        rollout of ``KILL_ROUND``'s samples starts (under stream scheduling it runs
+        beside round ``KILL_ROUND - 1``), and the state of ``rollout-0`` right after
+        it returned."""
 
         rollout_started = threading.Event()
-        current_round = -1
         after_kill: dict | None = None
+        _local = threading.local()
 
-        def run_round(self, round_idx, pending=None):
-            self.current_round = round_idx
-            return super().run_round(round_idx, pending)
+        def collect(self, requests, round_idx):
+            self._local.round = round_idx
+            return super().collect(requests, round_idx)
 
-        def rollout(self, requests, n, greedy=False):
-            watched = not greedy and self.current_round == KILL_ROUND and self.after_kill is None
+        def rollout(self, requests, n, greedy=False, **kw):
+            watched = not greedy and getattr(self._local, "round", None) == KILL_ROUND and self.after_kill is None
             if watched:
+                self._local.round = None
                 self.rollout_started.set()
-            out = super().rollout(requests, n, greedy)
+            out = super().rollout(requests, n, greedy, **kw)
             if watched:
                 worker = ray.get_actor("rollout-0", namespace=self.namespace)
                 self.after_kill = {
@@ -69,15 +71,17 @@ def make_driver_class():
                     "driver_version": self.weights_version,
                     "resynced": self.resynced_samples,
                     "groups": [len(g) for g in out[0]],
+                    "sample_versions": {s.weights_version for g in out[0] for s in g},
                 }
             return out
 
     return WatchedDriver
 
 
-def test_kill_rollout_0_mid_round_loses_no_prompt(tmp_path, caplog):
+@pytest.mark.parametrize("scheduling", ["sync", "stream"])
+def test_kill_rollout_0_mid_round_loses_no_prompt(tmp_path, caplog, scheduling):
     caplog.set_level(logging.WARNING, logger="actors.workqueue")
-    cfg = load_config(str(REPO / "configs" / "quickstart.yaml"), SMALL)
+    cfg = load_config(str(REPO / "configs" / "quickstart.yaml"), SMALL + [f"scheduling={scheduling}"])
     started_ray = not ray.is_initialized()
     driver = make_driver_class()(cfg, tmp_path / "kill-rollout")
     killed: dict = {}
@@ -125,8 +129,15 @@ def test_kill_rollout_0_mid_round_loses_no_prompt(tmp_path, caplog):
     assert after["groups"] == [cfg.rollout.samples_per_prompt] * PROMPTS_PER_ROUND
     # The restarted engine was brought to the weights of the round before sampling
     # again, so the samples the learner trained on are on-policy.
-    assert after["resynced"] > 0, "samples from the restarted worker were used without re-syncing its weights"
-    assert after["worker_version"] == after["driver_version"] > 0
+    if scheduling == "sync":
+        assert after["resynced"] > 0, "samples from the restarted worker were used without re-syncing its weights"
+        assert after["worker_version"] == after["driver_version"] > 0
+    else:
+        # Sampled beside round 0's training: that round's sync may reach the restarted
+        # worker before it samples again (then nothing needs re-sampling), or after.
+        assert after["worker_version"] >= min(after["sample_versions"]) > 0, after
+    # No sample of the restarted engine's initial weights was trained on.
+    assert rows[1]["rollout/staleness_max"] <= (1 if scheduling == "stream" else 0)
 
     # Metric keys: every standard key in every line, in the file and in what run() returned.
     keys = round_metric_keys(list(cfg.aspects.names))

@@ -37,6 +37,10 @@ SMALL = [
     "scorer.rm_train_responses=64",
     "logging.progress=false",
     "logging.wandb=false",
+    # The most pipelined schedule: later rounds' prompts are drawn and collected while
+    # a round trains, so a resume must re-issue exactly those (sync resumes are covered
+    # by the own-data resume test).
+    "scheduling=stream",
 ]
 # Keys every round measures, so they must hold a number (not the logger's null filler).
 MEASURED = ["round", "reward/weighted", "eval/reward/weighted", "train/loss", "train/rewards/accuracies",

@@ -85,3 +85,10 @@ def test_restarts_used_up_stop_with_one_message(tmp_path, monkeypatch):
     msg = str(stop.value)
     assert "round 1" in msg and "rollout-0" in msg and "--resume continues after round 0" in msg, msg
     assert (tmp_path / "used-up" / "error.log").exists()
+    log = tmp_path / "used-up" / "logs" / "rollout-0.log"
+    if log.exists():  # the driver started Ray, so actor output went to RUN_DIR/logs (no shared cluster)
+        # A killed actor leaves no traceback: the message ends with what its log said last.
+        tail = msg.split(f"---- last lines of {log} ----\n", 1)
+        assert len(tail) == 2, msg
+        assert 0 < len(tail[1].splitlines()) <= 40 and tail[1].splitlines()[-1] in log.read_text(), msg
+        assert "last lines of" in (tmp_path / "used-up" / "error.log").read_text()

@@ -73,6 +73,14 @@ def uninterrupted(tmp_path_factory):
     return run_dir
 
 
+def test_learner_output_goes_to_run_dir_logs_not_the_terminal(uninterrupted):
+    terminal = (uninterrupted.parent / "straight.log").read_text(errors="replace")
+    assert "(LearnerRank pid=" not in terminal, terminal[-4000:]
+    for rank in (0, 1):
+        log = (uninterrupted / "logs" / f"learner-{rank}.log").read_text(errors="replace")
+        assert log.startswith(f"==== learner-{rank}: pid") and "deepspeed" in log.lower(), log[-3000:]
+
+
 def test_uninterrupted_run_logs_every_step_and_saves_a_loadable_policy(uninterrupted):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

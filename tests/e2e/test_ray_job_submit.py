@@ -293,6 +293,16 @@ def test_job_succeeds_and_logs_every_metric(job):
     print("\n".join(l for l in job["output"].splitlines() if l.startswith(("[round", "[twodrl]", "   ", "---", "Job"))))
 
 
+def test_actor_output_goes_to_run_dir_logs_not_the_job_log(job):
+    # The job joined an existing cluster: its own ray.init still decides that worker
+    # output is not forwarded, and the actors write RUN_DIR/logs/<actor>.log.
+    assert "(RolloutWorker pid=" not in job["output"] and "(LearnerRank pid=" not in job["output"]
+    logs = job["run_dir"] / "logs"
+    for name in ROLES:
+        assert (logs / f"{name}.log").is_file(), sorted(p.name for p in logs.glob("*"))
+    assert "Initializing a V1 LLM engine" in (logs / "rollout-0.log").read_text(errors="replace")
+
+
 def test_dashboard_lists_named_actor_per_role(job):
     assert set(job["alive_actors"]) == set(ROLES), job["alive_actors"]
 

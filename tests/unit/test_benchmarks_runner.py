@@ -22,8 +22,17 @@ from benchmarks.compare_methods import (
     markdown_table,
     mean_std,
     paired,
+    paired_differences,
+    gains_over_warm_start,
+    pick_example,
     plan,
+    plot_aspects,
+    plot_heatmap,
     results_tables,
+    signal_differences,
+    signal_experiment,
+    signal_tables,
+    t_interval,
     weighted_score,
 )
 
@@ -119,8 +128,14 @@ def test_round_figures():
     assert f["sync_round_s"] == 11.0 and f["overlap_round_s"] == 6.0
     assert f["longest_stage"] == "rollout" and f["max_stage_s"] == 5.0
     assert f["overlap_bound_s"] == pytest.approx((6.5 + 4.5) / 2)  # per round: max(rollout, the rest)
-    assert f["overlap_over_max_stage"] == pytest.approx(1.2) and not f["overlap_target_met"]
+    assert f["overlap_over_max_stage"] == pytest.approx(1.2)
     assert f["driver_overhead_frac"] == pytest.approx(0.3 / 11.0) and f["driver_overhead_target_met"]
+    assert "stream_round_s" not in f
+    stream = [dict(_timing_row(5.5, 0.1, rollout=3.0, train=3.0), **{"rollout/staleness_max": 1.0}),
+              dict(_timing_row(6.0, 0.1, rollout=3.0, train=3.0), **{"rollout/staleness_max": 0.0})]
+    g = round_figures(sync, overlap, stream)
+    assert g["stream_round_s"] == pytest.approx(5.75) and g["stream_target_met"]  # 5.75 ≤ 1.15 × 5
+    assert g["stream_speedup"] == pytest.approx(11.0 / 5.75) and g["stream_staleness_max"] == 1.0
     with pytest.raises(ValueError):
         round_figures(sync, [])
 
@@ -134,13 +149,15 @@ def test_tokens_per_second_uses_the_median_call():
 
 def test_summary_rows_check_targets_and_render():
     results = {
-        "rounds": {"sync_round_s": 10.0, "overlap_round_s": 6.0, "max_stage_s": 5.5,
-                   "overlap_over_max_stage": 6.0 / 5.5, "driver_overhead_frac": 0.07},
+        "rounds": {"sync_round_s": 10.0, "overlap_round_s": 6.0, "stream_round_s": 6.0, "max_stage_s": 5.5,
+                   "stream_over_max_stage": 6.0 / 5.5, "stream_speedup_slow_judge": 1.4,
+                   "driver_overhead_frac": 0.07},
         "annotate": {"rps_c1": 4.9, "rps_c16": 70.0, "speedup": 14.3},
     }
     rows = summary_rows(results)
     by_key = {(r["benchmark"], r["key"]): r for r in rows}
-    assert by_key["rounds", "overlap_over_max_stage"]["status"] == "ok"  # 6.0 ≤ 1.15 × 5.5
+    assert by_key["rounds", "stream_over_max_stage"]["status"] == "ok"  # 6.0 ≤ 1.15 × 5.5
+    assert by_key["rounds", "stream_speedup_slow_judge"]["status"] == "MISS"
     assert by_key["rounds", "driver_overhead_frac"]["status"] == "MISS"
     assert by_key["rounds", "sync_round_s"]["status"] == "-"
     assert by_key["annotate", "speedup"]["status"] == "ok"
@@ -167,3 +184,78 @@ def test_paired_gains_and_ranks_within_seed():
     assert out["IPO"]["gain"][0] == pytest.approx(-1.0)
     assert out["DPO"]["rank"][0] == pytest.approx((1 + 1.5) / 2)  # ties share the mean rank
     assert out["IPO"]["rank"][0] == pytest.approx((2 + 1.5) / 2)
+
+
+def test_t_interval_uses_student_t():
+    m, lo, hi, n = t_interval([1.0, 2.0, 3.0, None])
+    assert (m, n) == (2.0, 3)
+    half = 4.303 * 1.0 / math.sqrt(3)  # t_{0.975, 2} · s / √n
+    assert (lo, hi) == (pytest.approx(2.0 - half), pytest.approx(2.0 + half))
+    assert t_interval([5.0]) == (5.0, 5.0, 5.0, 1)
+    assert t_interval([])[3] == 0 and math.isnan(t_interval([])[0])
+    m, lo, hi, n = t_interval([0.0, 1.0] * 30)  # df 59 > the table: normal quantile
+    assert hi - m == pytest.approx(1.96 * math.sqrt(60 / 59 * 0.25) / math.sqrt(60))
+
+
+def _signal_data() -> dict:
+    # Seeds 0..2 with round 0 at 1, 2, 3 (weighted = the constant score).
+    base = {str(s): {"row": _row(0, [1 + s] * 5)} for s in range(3)}
+    runs = {}
+    for s in range(3):
+        runs[f"methods/DPO/seed={s}"] = {"rows": [_row(1, [1.5 + s] * 5)]}          # rm: +0.5
+        runs[f"methods/2D-DPO/seed={s}"] = {"rows": [_row(1, [1.5 + s + 0.1 * s] * 5)]}  # rm: +0.5, +0.6, +0.7
+        runs[f"methods@judge/DPO/seed={s}"] = {"rows": [_row(1, [2 + s] * 5)]}      # judge: +1
+        if s < 2:  # seed 2's judge 2D-DPO did not finish: left out of its pairs
+            runs[f"methods@judge/2D-DPO/seed={s}"] = {"rows": [_row(1, [2.5 + s] * 5)]}
+    return {"base": base, "runs": runs}
+
+
+def test_gains_and_paired_differences_are_within_seed():
+    data = _signal_data()
+    runs, base = data["runs"], data["base"]
+    g = gains_over_warm_start(runs, base, "methods", ["DPO", "2D-DPO", "APPO"])
+    assert set(g) == {"DPO", "2D-DPO"}  # APPO never ran
+    assert g["DPO"][:2] == (pytest.approx(0.5), pytest.approx(0.5)) and g["DPO"][3] == 3  # no spread: zero width
+    assert g["2D-DPO"][0] == pytest.approx(0.6) and g["2D-DPO"][1] < 0.6 < g["2D-DPO"][2]
+    gj = gains_over_warm_start(runs, base, signal_experiment("methods", "judge"), ["2D-DPO"])
+    assert gj["2D-DPO"][0] == pytest.approx(1.5) and gj["2D-DPO"][3] == 2
+    d = paired_differences(runs, "methods", [("2D-DPO", "DPO"), ("2D-DPO", "IPO")])
+    assert set(d) == {("2D-DPO", "DPO")}
+    assert d[("2D-DPO", "DPO")][0] == pytest.approx(0.1) and d[("2D-DPO", "DPO")][3] == 3
+    dj = paired_differences(runs, "methods@judge", [("2D-DPO", "DPO")])
+    assert dj[("2D-DPO", "DPO")][0] == pytest.approx(0.5) and dj[("2D-DPO", "DPO")][3] == 2
+    sd = signal_differences(runs, "methods", ["DPO", "2D-DPO"], "judge")
+    assert sd["DPO"][0] == pytest.approx(0.5) and sd["DPO"][3] == 3
+    assert sd["2D-DPO"][0] == pytest.approx(((2.5 - 1.5) + (3.5 - 2.6)) / 2) and sd["2D-DPO"][3] == 2
+
+
+def test_plan_pairs_each_run_with_its_signal_twin():
+    out = plan(["methods"], ["DPO", "2D-DPO"], 0.2, signals=["rm", "judge"])
+    assert [k for k, _ in out] == ["methods/DPO", "methods@judge/DPO", "methods/2D-DPO", "methods@judge/2D-DPO"]
+    assert out[1][1] == {"algorithm": "dpo", "signal": "judge"}
+    assert plan(["methods"], ["DPO"], 0.2) == [("methods/DPO", {"algorithm": "dpo"})]  # the old keys and kwargs
+    assert signal_experiment("beta", "rm") == "beta" and signal_experiment("beta", "judge") == "beta@judge"
+
+
+def test_signal_tables_render_and_plots_draw(tmp_path):
+    data = _signal_data()
+    text = signal_tables(data, ["DPO", "2D-DPO", "1D-DPO"])
+    assert "| DPO | 3 | +0.50 [+0.50, +0.50] | 3 | +1.00 [+1.00, +1.00] |" in text
+    assert "| 2D-DPO − 1D-DPO | 0 | – | 0 | – |" in text
+    assert "| 1D-DPO |" not in text.split("Paired")[0]  # never ran: no row
+    assert "judge − rm" in text and text in results_tables(data)
+    assert plot_aspects(data, tmp_path / "a.png").stat().st_size > 0
+    assert plot_aspects({"runs": {}}, tmp_path / "none.png") is None
+
+
+def test_heatmap_example_is_the_median_change(tmp_path):
+    def rec(i, text, ratings):
+        return {"id": i, "prompt": f"p{i}", "text": text, "segments": [text] * len(ratings),
+                "scores": [[r] * 5 for r in ratings]}
+
+    before = {i: rec(i, "old", [2]) for i in "abcd"}
+    after = {"a": rec("a", "new", [4]), "b": rec("b", "new", [3]), "c": rec("c", "new", [1, 1]),
+             "d": rec("d", "old", [2])}  # d unchanged: not a candidate
+    assert pick_example(before, after) == "b"  # changes -1, +1, +2: the median is +1
+    assert pick_example(before, {"d": before["d"]}) is None
+    assert plot_heatmap(before["c"], after["c"], tmp_path / "h.png").stat().st_size > 0

@@ -4,7 +4,8 @@ import random
 import torch
 
 from twodrl.checkpoint import atomic_directory, latest_checkpoint, prune_checkpoints, read_driver_state, round_dir, write_driver_state
-from twodrl.tracking import MetricsLogger, plot_rewards, read_metrics, redact, truncate_metrics
+from twodrl.tracking import (EVAL_SAMPLES_KEY, MetricsLogger, eval_sample_table, plot_rewards, read_metrics, redact,
+                             truncate_metrics)
 from twodrl.aspects import DEFAULT_ASPECTS
 from twodrl.metrics import round_metric_keys, ray_metric_name
 
@@ -67,3 +68,19 @@ def test_ray_metric_names_are_prometheus_safe():
     for key in round_metric_keys():
         name = ray_metric_name(key)
         assert name.replace("_", "a").isalnum()
+
+
+def test_eval_sample_table_has_segment_ratings_per_aspect_and_is_a_noop_without_wandb(tmp_path):
+    records = [
+        {"id": "eval-0", "prompt": "Q?", "text": "A. B.", "segments": ["A.", "B."],
+         "scores": [[3.0, 4.0, 4.0, 2.0, 3.5], [1.0, 0.0, 4.0, 2.0, 3.0]]},
+        {"id": "eval-1", "prompt": "R?", "text": "", "segments": [], "scores": []},
+    ]
+    columns, rows = eval_sample_table(records, DEFAULT_ASPECTS)
+    assert columns == ["id", "prompt", "response", "segments", *DEFAULT_ASPECTS]
+    assert rows[0][:4] == ["eval-0", "Q?", "A. B.", '["A.", "B."]']
+    assert rows[0][4:] == ["[3, 1]", "[4, 0]", "[4, 4]", "[2, 2]", "[3.5, 3]"]
+    assert rows[1][4:] == ["[]"] * len(DEFAULT_ASPECTS)
+    logger = MetricsLogger(tmp_path, DEFAULT_ASPECTS, use_wandb=False)
+    logger.log_table(EVAL_SAMPLES_KEY, columns, rows, step=0)  # nothing to log to: no error, no file
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -118,3 +118,115 @@ def test_select_winners_matches_per_prompt_best_of_n():
     assert masked.index[0].item() == expected0
     with pytest.raises(ValueError, match="directions"):
         select_winners(rewards, torch.ones(P, 3))
+
+
+# --------------------------------------------------------------------------- iterations
+
+
+def test_disjoint_parts_split_the_pool():
+    from twodrl.rounds import disjoint_parts
+
+    parts = disjoint_parts(23, 4, seed=3)
+    assert sorted(i for p in parts for i in p) == list(range(23))  # every prompt, once
+    assert sorted(len(p) for p in parts) == [5, 6, 6, 6]
+    assert parts == disjoint_parts(23, 4, seed=3)  # the seed fixes the split
+    assert parts != disjoint_parts(23, 4, seed=4)
+    with pytest.raises(ValueError, match="cannot fill"):
+        disjoint_parts(3, 4, seed=0)
+
+
+def test_part_picks_stay_in_their_part_and_are_stateless():
+    from twodrl.rounds import disjoint_parts, part_picks
+
+    parts = disjoint_parts(40, 3, seed=1)
+    for k in range(3):
+        picks = part_picks(40, 3, k, 8, seed=1)
+        assert len(picks) == 8 and {i for _, i in picks} <= set(parts[k])
+        assert len({i for _, i in picks}) == 8  # no repeat within the part's first epoch
+        assert picks == part_picks(40, 3, k, 8, seed=1)  # a redone round draws the same
+    # More prompts than the part holds: the part's next epoch, still nothing outside it.
+    many = part_picks(40, 3, 2, 20, seed=1)  # the part holds 13
+    assert {i for _, i in many} == set(parts[2]) and {e for e, _ in many} == {0, 1}
+    with pytest.raises(ValueError, match="part 3"):
+        part_picks(40, 3, 3, 1, seed=1)
+
+
+def test_selected_data_accumulates_and_a_redone_round_replaces_its_rows(tmp_path):
+    from twodrl.dpa import read_selected, record_selected
+
+    path = tmp_path / "dpa" / "selected.jsonl"
+    assert read_selected(path) == []
+    r0 = record_selected(path, 0, [{"prompt": "a", "response": "A"}, {"prompt": "b", "response": "B"}])
+    assert [(r["round"], r["prompt"]) for r in r0] == [(0, "a"), (0, "b")]
+    r1 = record_selected(path, 1, [{"prompt": "c", "response": "C"}])
+    assert [(r["round"], r["prompt"]) for r in r1] == [(0, "a"), (0, "b"), (1, "c")]
+    # Round 2 written, then the run resumes from round 1's checkpoint and redoes round 2:
+    # its first attempt's rows go, the earlier rounds' stay, nothing twice.
+    record_selected(path, 2, [{"prompt": "d", "response": "D"}])
+    redone = record_selected(path, 2, [{"prompt": "e", "response": "E"}])
+    assert [(r["round"], r["prompt"]) for r in redone] == [(0, "a"), (0, "b"), (1, "c"), (2, "e")]
+    assert read_selected(path) == redone
+    # A resume that goes back further (round 1 redone) drops round 2's rows as well.
+    again = record_selected(path, 1, [{"prompt": "f", "response": "F"}])
+    assert [(r["round"], r["prompt"]) for r in again] == [(0, "a"), (0, "b"), (1, "f")]
+    assert not list(path.parent.glob(".*tmp*"))  # written through a renamed temporary
+
+
+def test_request_round_from_request_id():
+    from jobs.driver import _request_round
+
+    assert _request_round("r0-e0-p5") == 0
+    assert _request_round("r12-e1-p3-d4") == 12
+    with pytest.raises(ValueError, match="r<round>"):
+        _request_round("eval-3")
+
+
+# --------------------------------------------------------------------------- sequence RM
+
+
+def test_scorer_sequence_mode_rates_the_whole_response_at_its_last_token():
+    """scorer.mode=sequence: one rating per objective for the whole response, the
+    sequence-classification model's own output at the response's last token."""
+    from actors.scorer import RewardScorer
+    from twodrl.config import load_config
+    from twodrl.models.logprobs import encode_pairs
+    from twodrl.models.reward_model import sequence_end_positions
+
+    cfg = load_config(None, ["algorithm=dpa-rsf", "aspects.names=[helpfulness, verbosity]",
+                             "aspects.weights=[1.0, 0.0]", "scorer.mode=sequence", "scorer.model.path=tiny:reward-seq",
+                             "scorer.batch_size=2"])
+    scorer = RewardScorer(cfg, index=0)
+    items = [{"id": "a", "prompt": "Tell me about the otter.",
+              "response": "The otter lives in rivers. The otter eats fish. It swims well."},
+             {"id": "b", "prompt": "Tell me about the owl.", "response": "The owl hunts at night."},
+             {"id": "c", "prompt": "Tell me about the fox.", "response": "The fox is quick."}]
+    out = scorer.score(items)
+    assert [o["id"] for o in out] == ["a", "b", "c"]
+    assert len(out[0]["segments"]) == 3  # the segmenter still splits (verbosity may count them)
+    model = scorer.model
+    for it, o in zip(items, out):
+        assert len(o["scores"]) == 1 and len(o["scores"][0]) == 2
+        enc = encode_pairs(scorer.tokenizer, [it["prompt"]], [it["response"]], [None], [None],
+                           max_length=cfg.scorer.model.max_length)
+        _, cols, valid = sequence_end_positions(enc)
+        assert bool(valid[0, 0])
+        ids = enc.input_ids[:1, : int(cols[0, 0]) + 1]
+        with torch.no_grad():
+            # The HF model's own pooled output (last token of the sequence it is given).
+            expected = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float()
+        expected = expected.clamp(0.0, 4.0)
+        torch.testing.assert_close(torch.tensor(o["scores"][0]), expected, atol=1e-4, rtol=1e-4)
+    # A different response gets a different rating: the read-out depends on the text.
+    assert out[0]["scores"] != out[1]["scores"]
+
+
+def test_sequence_mode_is_served_by_the_hf_scorer():
+    """The vLLM scorer path reads per-token outputs of a token-classification RM only:
+    ``auto`` picks hf for a sequence RM, and an explicit vllm is refused."""
+    from twodrl.config import ConfigError, load_config
+
+    fixed = ["scorer.num_gpus=1", "scorer.rm_train_responses=0", "scorer.update_every_rounds=0"]
+    assert load_config(None, fixed).scorer.resolved_backend() == "vllm"
+    assert load_config(None, [*fixed, "scorer.mode=sequence"]).scorer.resolved_backend() == "hf"
+    with pytest.raises(ConfigError, match="serves token-classification"):
+        load_config(None, [*fixed, "scorer.mode=sequence", "scorer.backend=vllm"])

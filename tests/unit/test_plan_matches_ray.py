@@ -30,18 +30,19 @@ def fake_groups(monkeypatch):
 
 def _ray_asks(cfg) -> dict[str, tuple[float, float]]:
     """actor name -> (GPUs, CPUs) it holds, from the options and groups the actor
-    factories (actors/rollout.py, actors/scorer.py, actors/learner.py, actors/annotator.py)
+    factories (actors/rollout.py, actors/scorer.py, actors/learner.py, actors/reward_learner.py,
+    actors/annotator.py)
     pass to Ray."""
     out = {}
-    learner_pg = common.learner_group(cfg)
+    rank_groups = {role: common.learner_group(cfg, role=role) for role in ("learner", "rm_learner")}
     for role in common.ROLES:
         res = common.role_resources(cfg, role)
         for i in range(res.count):
             opts = common.actor_options(role, i, cfg, namespace="t")
             if role in ("rollout", "scorer"):
                 pg, index, own = common.tensor_parallel_group(res), 0, "all"
-            elif role == "learner" and learner_pg is not None:
-                pg, index, own = learner_pg, i, "one"
+            elif rank_groups.get(role) is not None:  # DeepSpeed ranks: one bundle each
+                pg, index, own = rank_groups[role], i, "one"
             else:
                 pg = None
             if pg is None:

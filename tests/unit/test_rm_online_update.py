@@ -136,3 +136,50 @@ def test_update_schedule(tmp_path, monkeypatch, every, due):
     judged = _audit(drv, n=3)
     trained = [r for r in range(drv.total_rounds) if "rm_update/records" in drv.update(judged, r)]
     assert trained == due
+
+
+def test_update_on_rm_learner_group(tmp_path, monkeypatch):
+    """scorer.train_ranks > 1: the update trains on the reward-model DeepSpeed group
+    (faked here by the one-process loop), which starts from the RM the scorers serve and
+    is shut down after it; every scorer then reloads what it saved."""
+    from dataclasses import replace
+
+    import actors.reward_learner as reward_learner
+    from twodrl.models.loading import load_reward_model, load_tokenizer, save_pretrained_safe
+    from twodrl.models.reward_model import train_reward_model
+
+    made = []
+
+    class FakeGroup:
+        def __init__(self, cfg, records, sc=None, model_path=None, namespace=None, **_):
+            self.sc, self.model_path, self.records, self.closed = sc, model_path, list(records), False
+            self.mc = replace(sc.model, path=model_path)
+            self.model = load_reward_model(self.mc, aspects=ASPECTS)
+            self.plan = [None] * sc.train_epochs
+            self.epochs_done = 0
+            made.append(self)
+
+        def train_epoch(self):
+            self.epochs_done = len(self.plan)
+            return train_reward_model(self.model, load_tokenizer(self.mc), self.records, self.sc, progress=False)
+
+        def save_pretrained(self, directory, extra_files=None):
+            save_pretrained_safe(self.model, load_tokenizer(self.mc), directory)
+
+        def shutdown(self):
+            self.closed = True
+
+    monkeypatch.setattr(reward_learner, "RewardLearnerGroup", FakeGroup)
+    drv = _driver(tmp_path, ["scorer.update_every_rounds=1", "scorer.update_epochs=2", "scorer.update_lr=0.003",
+                             "scorer.train_ranks=2"], monkeypatch)
+    drv.namespace = "t"
+    drv._update_rm_on_group = lambda rows: OnlineDriver._update_rm_on_group(drv, rows)
+    out = drv.update(_audit(drv, n=6), 0)
+    ckpt = drv.run_dir / "reward_model"
+    assert out["rm_update/epoch"] == 2 and (ckpt / "config.json").is_file()
+    first = made[0]
+    assert first.closed and first.sc.train_epochs == 2 and first.sc.train_lr == 0.003
+    assert first.model_path == drv.cfg.scorer.model.path  # nothing saved yet: the configured RM
+    assert all(s._obj.model_cfg.path == str(ckpt) for s in drv.scorers)
+    drv.update(_audit(drv, n=6, seed=1), 1)
+    assert made[1].model_path == str(ckpt)  # the next update continues from the last one

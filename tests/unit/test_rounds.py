@@ -69,3 +69,35 @@ def test_reward_summary_and_agreement():
         "rm/agreement/completeness": 1.0,
         "rm/agreement/clarity": 1.0,  # 5.0 clamps to 4
     }
+
+
+# ----------------------------------------------------------------------------- scheduling
+
+
+def test_audit_draw_is_per_sample_and_order_free():
+    from twodrl.rounds import audited
+
+    keys = [(f"r1-e0-p{i}", k) for i in range(50) for k in range(4)]
+    a = [audited(0, 1, p, k, 0.5) for p, k in keys]
+    b = [audited(0, 1, p, k, 0.5) for p, k in reversed(keys)][::-1]
+    assert a == b and 60 < sum(a) < 140
+    assert not any(audited(0, 1, p, k, 0.0) for p, k in keys)
+    assert all(audited(0, 1, p, k, 1.0) for p, k in keys)
+    assert a != [audited(1, 1, p, k, 0.5) for p, k in keys]  # the seed matters
+
+
+def test_staleness_summary():
+    from twodrl.rounds import staleness_summary
+
+    assert staleness_summary([3, 3, 2, None], learner_version=3) == {
+        "rollout/staleness_mean": pytest.approx(1 / 3), "rollout/staleness_max": 1.0}
+    assert staleness_summary([], 5) == {"rollout/staleness_mean": 0.0, "rollout/staleness_max": 0.0}
+
+
+def test_rounds_to_prefetch_bounds_staleness():
+    from twodrl.rounds import rounds_to_prefetch
+
+    assert rounds_to_prefetch(2, 10, 0, []) == []  # on-policy: nothing ahead
+    assert rounds_to_prefetch(2, 10, 1, []) == [3]
+    assert rounds_to_prefetch(2, 10, 3, [3]) == [4, 5]
+    assert rounds_to_prefetch(8, 10, 3, []) == [9]  # never past the last round

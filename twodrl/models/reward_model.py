@@ -229,43 +229,100 @@ def reward_forward(
     return scores, valid, (hidden if need_hidden else None)
 
 
-def _tied_lm_loss(model, hidden: torch.Tensor, enc: EncodedBatch) -> torch.Tensor:
-    """Next-token cross-entropy on response tokens through the input embeddings."""
+def _tied_lm_loss(model, hidden: torch.Tensor, enc: EncodedBatch) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy on response tokens through the input embeddings,
+    and the number of those tokens."""
     emb = _unwrap(model).get_input_embeddings().weight
     target_mask = enc.response_mask[:, 1:]
     h = hidden[:, :-1][target_mask]
     targets = enc.input_ids[:, 1:][target_mask]
     logits = (h @ emb.T).float()
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets, reduction="sum"), int(targets.numel())
 
 
-def reward_loss(model, batch: RMBatch, lm_loss_coef: float = 0.0, mode: str | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def _label_cells(valid: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[N, S, A]`` mask of the cells the loss counts: the segment exists in the
+    (possibly truncated) input and is rated."""
+    S = min(valid.shape[1], labels.shape[1])
+    return valid[:, :S, None] & ~torch.isnan(labels[:, :S])
+
+
+def reward_counts(batch: RMBatch, mode: str) -> tuple[int, int]:
+    """(labelled cells, LM target tokens) of a batch, without running the model: what
+    :func:`reward_loss` divides by. Data-parallel ranks add theirs up to normalise by
+    the whole batch's counts (``totals``)."""
+    _, _, valid = (segment_end_positions if mode == "segment" else sequence_end_positions)(batch.enc)
+    return int(_label_cells(valid, batch.labels).sum()), int(batch.enc.response_mask[:, 1:].sum())
+
+
+def reward_loss(
+    model, batch: RMBatch, lm_loss_coef: float = 0.0, mode: str | None = None,
+    totals: tuple[float, float] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Masked MSE between predicted and labelled ratings (+ optional LM loss).
 
     Returns ``(loss, stats)``; stats hold floats for logging (``rm/mse``, ``rm/lm_loss``,
-    ``rm/labels``).
+    ``rm/labels``, and the sums ``rm/sq_sum`` / ``rm/lm_sum`` / ``rm/lm_tokens``).
+
+    ``totals``: (labelled cells, LM tokens) of the whole batch this one is a part of
+    (:func:`reward_counts` summed over the parts). The squared errors and token losses
+    are then divided by those instead of this part's own counts, so the parts' losses
+    add up to the whole batch's loss: data parallelism without changing the objective.
     """
     scores, valid, hidden = reward_forward(model, batch.enc, mode, need_hidden=lm_loss_coef > 0)
     labels = batch.labels.to(scores.device)
     valid = valid.to(scores.device)
     S = min(scores.shape[1], labels.shape[1])
-    scores, labels, valid = scores[:, :S], labels[:, :S], valid[:, :S]
-    # A label counts if the segment exists in the (possibly truncated) input and is rated.
-    cell = valid[..., None] & ~torch.isnan(labels)
+    scores, labels = scores[:, :S], labels[:, :S]
+    cell = _label_cells(valid, labels)
     n = cell.sum()
     diff = torch.where(cell, scores - torch.nan_to_num(labels), torch.zeros_like(scores))
-    mse = (diff**2).sum() / n.clamp(min=1)
+    sq = (diff**2).sum()
+    mse = sq / (n.clamp(min=1) if totals is None else max(float(totals[0]), 1.0))
     loss = mse
-    stats = {"rm/mse": float(mse.detach()), "rm/labels": float(n)}
+    stats = {"rm/mse": float(mse.detach()), "rm/labels": float(n), "rm/sq_sum": float(sq.detach())}
     if lm_loss_coef > 0:
-        lm = _tied_lm_loss(model, hidden, batch.enc.to(hidden.device))
+        lm_sum, tokens = _tied_lm_loss(model, hidden, batch.enc.to(hidden.device))
+        lm = lm_sum / (max(tokens, 1) if totals is None else max(float(totals[1]), 1.0))
         loss = loss + lm_loss_coef * lm
-        stats["rm/lm_loss"] = float(lm.detach())
+        stats.update({"rm/lm_loss": float(lm.detach()), "rm/lm_sum": float(lm_sum.detach()), "rm/lm_tokens": float(tokens)})
     stats["rm/loss"] = float(loss.detach())
     return loss, stats
 
 
 # --------------------------------------------------------------------------- training
+
+
+# The optimizer of RM training, in one process and on DeepSpeed ranks alike.
+RM_ADAM_BETAS = (0.9, 0.98)
+RM_MAX_GRAD_NORM = 1.0
+
+
+def epoch_batches(n: int, batch_size: int, epochs: int, seed: int) -> list[list[list[int]]]:
+    """``[epoch][step]`` → example indices: a fresh seeded shuffle per epoch, cut into
+    batches of ``batch_size`` (the last one smaller). The one data order of RM training,
+    in one process or split over ranks, and from any epoch on after a resume."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(int(epochs)):
+        order = list(range(n))
+        rng.shuffle(order)
+        out.append([order[s : s + batch_size] for s in range(0, n, batch_size)])
+    return out
+
+
+def rm_lr_lambda(total_steps: int) -> Callable[[int], float]:
+    """Multiplier of ``train_lr`` at step ``s``: linear warm-up over the first 5% of the
+    steps, then cosine decay to 10%: stable on tiny models, and the late low learning
+    rate is what turns "close" regressions into correctly rounded labels."""
+    warmup = max(1, total_steps // 20)
+
+    def fn(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total_steps - warmup)))
+
+    return fn
 
 
 def train_reward_model(
@@ -277,6 +334,8 @@ def train_reward_model(
     eval_records: Iterable[Any] | None = None,
     seed: int = 0,
     log: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on the ratings of ``records`` (plain torch loop, CPU).
 
@@ -284,6 +343,11 @@ def train_reward_model(
     train_batch_size, lm_loss_coef, mode, model.max_length). Returns the final
     training metrics (and, with ``eval_records``, ``eval/…`` metrics of
     :func:`evaluate`). ``log`` receives a metrics dict after every epoch.
+
+    ``on_epoch_end(epoch, state)`` is called after every epoch with the state a resume
+    needs (``{"epoch", "step", "optimizer", "scheduler"}``); ``resume`` is such a state
+    (with the model's weights already loaded): training continues with the next epoch,
+    in the data order and at the learning rate it would have had.
     """
     from tqdm.auto import tqdm
 
@@ -298,34 +362,28 @@ def train_reward_model(
     if not examples:
         raise ValueError("train_reward_model: no training examples")
     encoded = encode_examples(tokenizer, examples, progress=progress)
-    rng = random.Random(seed)
     bs = int(cfg.train_batch_size)
-    steps_per_epoch = math.ceil(len(examples) / bs)
-    total = steps_per_epoch * int(cfg.train_epochs)
-    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.train_lr), weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = max(1, total // 20)
-    # Linear warm-up, then cosine decay to 10%: stable on tiny models, and the late low
-    # learning rate is what turns "close" regressions into correctly rounded labels.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
-    )
+    plan = epoch_batches(len(examples), bs, int(cfg.train_epochs), seed)
+    total = sum(len(e) for e in plan)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.train_lr), weight_decay=0.0, betas=RM_ADAM_BETAS)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, rm_lr_lambda(total))
+    start, step = 0, 0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        start, step = int(resume["epoch"]), int(resume["step"])
     max_len = int(cfg.model.max_length)
     model.train()
     stats: dict[str, float] = {}
-    bar = tqdm(total=total, desc="train-rm", disable=not progress, dynamic_ncols=True)
-    step = 0
-    for epoch in range(int(cfg.train_epochs)):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
+    bar = tqdm(total=total, initial=step, desc="train-rm", disable=not progress, dynamic_ncols=True)
+    for epoch in range(start, int(cfg.train_epochs)):
         run_mse, run_n = 0.0, 0
-        for s in range(0, len(order), bs):
-            idx = order[s : s + bs]
+        for idx in plan[epoch]:
             batch = collate(tokenizer, [examples[i] for i in idx], max_length=max_len, encoded=[encoded[i] for i in idx])
             loss, st = reward_loss(model, batch, float(cfg.lm_loss_coef), mode)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), RM_MAX_GRAD_NORM)
             opt.step()
             sched.step()
             step += 1
@@ -337,6 +395,10 @@ def train_reward_model(
         stats.update({"rm/epoch": epoch + 1, "rm/epoch_mse": run_mse / max(run_n, 1), "rm/step": step})
         if log is not None:
             log(dict(stats))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, {"epoch": epoch + 1, "step": step, "optimizer": opt.state_dict(),
+                                     "scheduler": sched.state_dict()})
+            model.train()  # the callback may have evaluated
     bar.close()
     model.eval()
     if eval_records is not None:
@@ -455,6 +517,12 @@ def evaluate(model, tokenizer, records: Iterable[Any], batch_size: int = 32, pro
         clamp=True,
         progress=progress,
     )
+    return evaluation_metrics(examples, preds, aspects)
+
+
+def evaluation_metrics(examples: Sequence[RMExample], preds: Sequence[torch.Tensor], aspects: Sequence[str]) -> dict[str, dict[str, float]]:
+    """:func:`evaluate`'s table from the predictions (``score`` output, clamped) of
+    ``examples``, wherever they were computed (one process, or the training ranks)."""
     P = torch.cat([p for p in preds])
     Y = torch.cat([e.labels[: p.shape[0]] for e, p in zip(examples, preds)])
     result: dict[str, dict[str, float]] = {}
