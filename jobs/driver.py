@@ -1050,15 +1050,21 @@ class OnlineDriver:
         return {"groups": groups, "metrics": metrics, "audit": audit, "judged": judged}
 
     def _audit(self, samples: list[ScoredSample], round_idx: int) -> list[ScoredSample]:
-        """The samples the judge rates (``annotator.fraction`` of them, a seeded draw per
-        sample, see :func:`twodrl.rounds.audited`)."""
+        """The samples the judge rates: ``annotator.fraction`` of them. Stage after
+        stage, one draw per sample from the run's random stream (restored with each
+        checkpoint); streaming scores samples in whatever order they finish, so there
+        each sample has a seeded draw of its own (:func:`twodrl.rounds.audited`)."""
+        fraction = self.cfg.annotator.fraction
+        if self.cfg.scheduling != "stream":
+            audit = [s for s in samples if random.random() < fraction]
+            return audit if self.annotators else []
         if not self.annotators:
             return []
         counts: dict[str, int] = {}
         out = []
         for s in samples:
             k = counts[s.prompt_id] = counts.get(s.prompt_id, -1) + 1
-            if audited(self.cfg.seed, round_idx, s.prompt_id, k, self.cfg.annotator.fraction):
+            if audited(self.cfg.seed, round_idx, s.prompt_id, k, fraction):
                 out.append(s)
         return out
 
@@ -1188,16 +1194,17 @@ class OnlineDriver:
         if cfg.scheduling == "stream":
             # The engines evaluate and the scorer fine-tunes while the learner ranks write
             # the checkpoint; the round's metrics (with theirs) go into it last.
-            jobs = [rm_job, self._stage_pool.submit(self._recovery_metrics)]
+            jobs = [rm_job]
             if evaluating:
                 jobs.append(self._pool.submit(self._evaluate_round, round_idx))
             self._fault_point("checkpoint", round_idx)
+            jobs.append(self._stage_pool.submit(self._recovery_metrics))  # restarts up to the checkpoint
             self.checkpoint(round_idx, metrics, jobs=[j for j in jobs if j is not None])
         else:
             if evaluating:
                 metrics.update(self._evaluate_round(round_idx))
-            metrics.update(self._recovery_metrics())
             self._fault_point("checkpoint", round_idx)
+            metrics.update(self._recovery_metrics())
             self.checkpoint(round_idx, metrics)
         metrics["time/checkpoint_s"] = time.perf_counter() - t0 - (0.0 if cfg.scheduling == "stream" else metrics["time/eval_s"])
         stage_time += time.perf_counter() - t0

@@ -7,7 +7,7 @@ its samples are used. The run finishes with no prompt lost and every standard me
 key in every line.
 
 The driver runs in this process (with its own local Ray cluster unless the test
-session already has one), the killer in a background thread.
+session already has one); the kill comes from inside the watched rollout.
 """
 
 from __future__ import annotations
@@ -45,27 +45,41 @@ def make_driver_class():
     from jobs.driver import OnlineDriver
 
     class WatchedDriver(OnlineDriver):
-        """The real driver, plus two observations for the test: when the on-policy
-        rollout of ``KILL_ROUND``'s samples starts (under stream scheduling it runs
-        beside round ``KILL_ROUND - 1``), and the state of ``rollout-0`` right after
-        it returned."""
+        """The real driver, plus the fault and two observations for the test: the
+        on-policy rollout of ``KILL_ROUND``'s samples (under stream scheduling it runs
+        beside round ``KILL_ROUND - 1``) kills ``rollout-0`` as its first result comes
+        in, while the worker generates the next chunk; then the state of ``rollout-0``
+        right after the rollout returned."""
 
-        rollout_started = threading.Event()
+        killed_at: float | None = None
         after_kill: dict | None = None
         _local = threading.local()
+        _kill_next = False
 
         def collect(self, requests, round_idx):
             self._local.round = round_idx
             return super().collect(requests, round_idx)
 
+        def _group(self, req, res):
+            if self._kill_next:
+                # Deterministic: the queue keeps two chunks on the worker, so the second
+                # is being generated when the first one's results arrive here.
+                self._kill_next = False
+                ray.kill(ray.get_actor("rollout-0", namespace=self.namespace), no_restart=False)
+                self.killed_at = time.monotonic()
+            return super()._group(req, res)
+
         def rollout(self, requests, n, greedy=False, **kw):
             watched = not greedy and getattr(self._local, "round", None) == KILL_ROUND and self.after_kill is None
             if watched:
                 self._local.round = None
-                self.rollout_started.set()
+                self._kill_next = True
             out = super().rollout(requests, n, greedy, **kw)
             if watched:
+                from actors.workqueue import wait_ready
+
                 worker = ray.get_actor("rollout-0", namespace=self.namespace)
+                assert wait_ready(worker, 300)
                 self.after_kill = {
                     "worker_version": ray.get(worker.weights_version.remote()),
                     "driver_version": self.weights_version,
@@ -84,20 +98,6 @@ def test_kill_rollout_0_mid_round_loses_no_prompt(tmp_path, caplog, scheduling):
     cfg = load_config(str(REPO / "configs" / "quickstart.yaml"), SMALL + [f"scheduling={scheduling}"])
     started_ray = not ray.is_initialized()
     driver = make_driver_class()(cfg, tmp_path / "kill-rollout")
-    killed: dict = {}
-
-    def killer():
-        if not driver.rollout_started.wait(timeout=900):
-            return
-        # The round's chunks are submitted within milliseconds of the event; a 64-token
-        # sampling chunk takes far longer than this on CPU, so the kill lands mid-chunk.
-        time.sleep(0.3)
-        actor = ray.get_actor("rollout-0", namespace=driver.namespace)
-        ray.kill(actor, no_restart=False)
-        killed["at"] = time.monotonic()
-
-    thread = threading.Thread(target=killer, name="kill-rollout-0", daemon=True)
-    thread.start()
     try:
         for attempt in range(3):
             try:
@@ -114,9 +114,8 @@ def test_kill_rollout_0_mid_round_loses_no_prompt(tmp_path, caplog, scheduling):
         driver.shutdown()
         if started_ray:
             ray.shutdown()
-    thread.join(timeout=5)
 
-    assert "at" in killed, "rollout-0 was never killed (the watched rollout did not start)"
+    assert driver.killed_at is not None, "rollout-0 was never killed (the watched rollout did not start)"
     requeued = [r.getMessage() for r in caplog.records if "re-queueing" in r.getMessage()]
     assert requeued, "the kill did not interrupt a generate call (no chunk was re-queued)"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 _FILE_HEADER = struct.Struct("<4sHB")  # b":W&B", magic 0xBEE1, version
@@ -61,14 +62,22 @@ def offline_history(run_dir: str | Path) -> list[dict]:
     return rows
 
 
-def offline_config(run_dir: str | Path) -> dict:
-    """The run config as logged (all config updates merged)."""
+def offline_config(run_dir: str | Path, timeout_s: float = 30.0) -> dict:
+    """The run config as logged (all config updates merged). wandb's service process
+    can still be writing the log when ``finish()`` has returned in the caller, and the
+    run record with the config is not always first on disk: read until it is there."""
     runs = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
-    config: dict = {}
-    for rec in iter_records(runs[0]):
-        kind = rec.WhichOneof("record_type")
-        # The initial config rides on the run record; later changes are config records.
-        updates = rec.run.config.update if kind == "run" else rec.config.update if kind == "config" else []
-        for item in updates:
-            config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-    return config
+    deadline = time.monotonic() + timeout_s
+    while True:
+        config: dict = {}
+        seen_run = False
+        for rec in iter_records(runs[0]):
+            kind = rec.WhichOneof("record_type")
+            seen_run = seen_run or kind == "run"
+            # The initial config rides on the run record; later changes are config records.
+            updates = rec.run.config.update if kind == "run" else rec.config.update if kind == "config" else []
+            for item in updates:
+                config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        if (seen_run and config) or time.monotonic() > deadline:
+            return config
+        time.sleep(0.5)
