@@ -482,8 +482,16 @@ class OnlineDriver:
         every one), plus those of earlier attempts of a resumed run."""
         for role, actors in (("rollout", self.rollout_workers), ("scorer", self.scorers),
                              ("annotator", self.annotators)):
-            _await_ready(actors)
-            starts = ray.get([a.incarnation.remote() for a in actors], timeout=60)
+            # With stream scheduling an actor can die while this runs (a collection of
+            # the next round is under way): wait for it to come back and ask again.
+            for attempt in range(5):
+                _await_ready(actors)
+                try:
+                    starts = ray.get([a.incarnation.remote() for a in actors], timeout=60)
+                    break
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    if attempt == 4:
+                        raise
             self.restarts[role] = self._restarts_before.get(role, 0) + sum(max(0, n - 1) for n in starts)
 
     def _learner_alive(self) -> bool:
