@@ -365,11 +365,7 @@ def plot_credit(data: dict, out_png: str | Path) -> Optional[Path]:
     axes[0].set_ylabel("Δ log-prob per token vs the warm start")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out_png)
 
 
 def signals_of(runs: dict[str, dict], experiment: str = "methods") -> list[str]:
@@ -460,9 +456,16 @@ def plot_aspects(data: dict, out_png: str | Path, names: Sequence[str] = tuple(M
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7, ncol=len(groups), loc="upper center", bbox_to_anchor=(0.5, -0.07), frameon=False)
     fig.tight_layout()
+    return _save_figure(fig, out_png)
+
+
+def _save_figure(fig, out_png: str | Path, **savefig_kwargs) -> Path:
+    """Write ``fig`` to ``out_png`` (creating its folder) and close it."""
+    import matplotlib.pyplot as plt
+
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=100, **savefig_kwargs)
     plt.close(fig)
     return out
 
@@ -516,11 +519,7 @@ def plot_heatmap(before: dict, after: dict, out_png: str | Path, aspects: Sequen
     short = prompt[:110] + ("…" if len(prompt) > 110 else "")
     fig.suptitle(f"held-out prompt {before.get('id', '')}: {short}", fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="judge rating")
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out_png, bbox_inches="tight")
 
 
 def results_tables(data: dict) -> str:
@@ -680,11 +679,7 @@ def plot(data: dict, out_png: str | Path) -> Path:
     if dirs:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, out_png)
 
 
 # --------------------------------------------------------------------------- running
