@@ -42,6 +42,7 @@ import torch
 from actors.common import redirect_actor_output, run_namespace, validate_placement
 from actors.learner import DS_SUBDIR, DeepSpeedGroup, DeepSpeedRank, _setup_threads, _StateModel, gather
 from twodrl.config import LearnerConfig, RunConfig, ScorerConfig
+from twodrl.rounds import near_equal_parts
 
 HF_SUBDIR = "reward_model"  # <checkpoint>/reward_model: Hugging Face format, safetensors
 
@@ -71,16 +72,6 @@ def rm_learner_config(cfg: RunConfig, sc: ScorerConfig, world_size: int) -> Lear
     )
 
 
-def _near_equal(items: list[int], parts: int) -> list[list[int]]:
-    q, rem = divmod(len(items), parts)
-    out, start = [], 0
-    for k in range(parts):
-        size = q + (1 if k < rem else 0)
-        out.append(items[start:start + size])
-        start += size
-    return out
-
-
 def shard_batches(batches: Sequence[Sequence[int]], world_size: int, accum: int) -> list[list[list[list[int]]]]:
     """``[rank][step][micro]`` → example indices: each batch split into ``world_size``
     near-equal contiguous shares, each share into ``accum`` micro-batches. An empty
@@ -88,8 +79,8 @@ def shard_batches(batches: Sequence[Sequence[int]], world_size: int, accum: int)
     and backward: the collectives of every step are joined by all ranks)."""
     out: list[list[list[list[int]]]] = [[] for _ in range(world_size)]
     for batch in batches:
-        for r, share in enumerate(_near_equal(list(batch), world_size)):
-            out[r].append(_near_equal(share, accum))
+        for r, share in enumerate(near_equal_parts(list(batch), world_size)):
+            out[r].append(near_equal_parts(share, accum))
     return out
 
 

@@ -68,11 +68,17 @@ def disjoint_parts(pool_size: int, parts: int, seed: int) -> list[list[int]]:
         raise ValueError(f"disjoint_parts: {pool_size} prompts cannot fill {parts} disjoint parts")
     order = list(range(pool_size))
     random.Random(f"{seed}:parts:{parts}").shuffle(order)
-    base, extra = divmod(pool_size, parts)
+    return near_equal_parts(order, parts)
+
+
+def near_equal_parts(items: Sequence[Any], parts: int) -> list[list[Any]]:
+    """``items`` cut in order into ``parts`` contiguous runs whose sizes differ by at
+    most one (the first ones take the remainder)."""
+    base, extra = divmod(len(items), parts)
     out, start = [], 0
     for k in range(parts):
         size = base + (1 if k < extra else 0)
-        out.append(order[start : start + size])
+        out.append(list(items[start : start + size]))
         start += size
     return out
 
